@@ -1,0 +1,648 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// anontrace: anon_vma lifecycle events.
+//
+// Compiled by BCC with -D definitions from tracer/bpf_source.py (the only
+// place that parameterises this file). Struct member offsets come from the
+// running kernel's BTF (OFF_* macros): this file never dereferences a kernel
+// struct through the headers BCC compiles with, because on header-less hosts
+// those headers describe a different kernel.
+//
+// Logical probes and how each can be built:
+//   anon_vma_fork       fexit | kretprobe           | derived from kmem (tracepoint)
+//   anon_vma_clone      fexit | kretprobe           | derived from kmem (tracepoint)
+//   unlink_anon_vmas    fentry | kprobe             | derived from kmem (tracepoint)
+//   page_set_anon_rmap  fentry | kprobe on the first attachable successor
+// kmem:kmem_cache_alloc/free (filtered by call_site) report anon_vma and
+// anon_vma_chain objects on every backend; raw sched tracepoints report
+// process fork, exec and exit.
+
+#include <uapi/linux/ptrace.h>
+
+#define K_ANON_VMA_FORK 1
+#define K_ANON_VMA_CLONE 2
+#define K_UNLINK_ANON_VMAS 3
+#define K_PAGE_SET_ANON_RMAP 4
+#define K_AV_ALLOC 5
+#define K_AV_FREE 6
+#define K_AVC_ALLOC 7
+#define K_AVC_FREE 8
+#define K_PROC_FORK 9
+#define K_PROC_EXEC 10
+#define K_PROC_EXIT 11
+
+// Event flags.
+#define F_DEPTH_TRUNCATED 1  // parent walk hit MAX_DEPTH
+#define F_CHAIN_TRUNCATED 2  // chain walk hit MAX_CHAIN
+#define F_DEFERRED 4         // facts read after the allocating operation finished
+#define F_THREAD 8           // PROC_FORK/EXIT of a thread, not a process
+
+// Allocation/free call sites (kmem events, field `site`).
+#define S_FORK 1
+#define S_CLONE 2
+#define S_PREPARE 3
+#define S_UNLINK 4
+#define S_PUT 5
+#define S_OTHER 6
+
+// Loss counters, surfaced by the loader.
+#define C_LOST_OUTPUT 0      // ring/perf buffer full
+#define C_LOST_ARGS 1        // kprobe entry args map full
+#define C_LOST_NO_ENTRY 2    // kretprobe without a recorded entry
+#define C_LOST_PENDING 3     // derived backend: pending map full
+#define C_LOST_FILTER 4      // PID filter map full: a descendant was not added
+#define NR_COUNTERS 5
+
+#ifndef MAX_DEPTH
+#define MAX_DEPTH 128
+#endif
+#ifndef MAX_CHAIN
+#define MAX_CHAIN 128
+#endif
+
+struct event {
+    u64 ts;
+    u64 mm;          // mm of the VMA (or of the process, for PROC_*)
+    u64 cur_mm;      // current->mm when the event fired
+    u64 vma;
+    u64 vm_start;
+    u64 vm_end;
+    u64 anon_vma;    // vma->anon_vma after the operation, or the object itself
+    u64 parent;
+    u64 root;
+    u64 aux;         // clone: src vma; rmap: page/folio; kmem: the avc; fork: child mm
+    u64 aux2;        // rmap: address; kmem: avc->anon_vma; proc: ppid-side mm
+    u64 num_children;   // or degree on kernels before 2555283eb40d
+    u64 num_active_vmas;
+    u32 kind;
+    u32 tgid;
+    u32 tid;
+    u32 depth;       // 1 = root; 0 = no anon_vma
+    u32 chain_len;   // anon_vma_chain entries on the VMA
+    s32 ret;
+    u32 pid2;        // PROC_FORK: child tgid; PROC_EXEC: old pid
+    u32 tid2;        // PROC_FORK: child tid
+    u32 site;
+    u32 flags;
+    char comm[16];
+};
+
+#ifdef USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
+BPF_PERCPU_ARRAY(scratch, struct event, 1);
+BPF_HASH(filter, u32, u8, FILTER_MAX);
+
+static __always_inline void count(int idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline u64 rd(u64 addr, u32 size)
+{
+    u64 v = 0;
+    if (addr)
+        bpf_probe_read_kernel(&v, size & 15, (void *)addr);
+    return v;
+}
+#define rd64(a) rd((a), 8)
+
+static __always_inline int wanted_tgid(u32 tgid)
+{
+#ifdef FILTER_ENABLED
+    return filter.lookup(&tgid) != 0;
+#else
+    return 1;
+#endif
+}
+
+static __always_inline int wanted(void)
+{
+    return wanted_tgid(bpf_get_current_pid_tgid() >> 32);
+}
+
+static __always_inline struct event *new_event(u32 kind)
+{
+    int zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, sizeof(*e));
+    u64 id = bpf_get_current_pid_tgid();
+    e->ts = bpf_ktime_get_ns();
+    e->kind = kind;
+    e->tgid = id >> 32;
+    e->tid = (u32)id;
+    e->cur_mm = rd64((u64)bpf_get_current_task() + OFF_TASK_MM);
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    return e;
+}
+
+static __always_inline void submit(void *ctx, struct event *e)
+{
+#ifdef USE_RINGBUF
+    if (events.ringbuf_output(e, sizeof(*e), 0))
+        count(C_LOST_OUTPUT);
+#else
+    if (events.perf_submit(ctx, e, sizeof(*e)))
+        count(C_LOST_OUTPUT);
+#endif
+}
+
+// Fill parent, root, depth and fan-out of an anon_vma.
+static __always_inline void fill_anon_vma(struct event *e, u64 av)
+{
+    e->anon_vma = av;
+    if (!av)
+        return;
+    e->root = rd64(av + OFF_AV_ROOT);
+    e->parent = rd64(av + OFF_AV_PARENT);
+#ifdef AV_HAS_DEGREE
+    // Before 2555283eb40d (v6.0) one `degree` counted children + VMAs.
+    e->num_children = rd(av + OFF_AV_DEGREE, SZ_AV_DEGREE);
+#else
+    e->num_children = rd(av + OFF_AV_NUM_CHILDREN, SZ_AV_NUM_CHILDREN);
+    e->num_active_vmas = rd(av + OFF_AV_NUM_ACTIVE_VMAS, SZ_AV_NUM_ACTIVE_VMAS);
+#endif
+    // A root anon_vma is its own parent (anon_vma_alloc()).
+    u64 cur = av;
+    u32 depth = 1;
+    int i;
+    for (i = 0; i < MAX_DEPTH; i++) {
+        u64 p = rd64(cur + OFF_AV_PARENT);
+        if (p == 0 || p == cur)
+            break;
+        cur = p;
+        depth++;
+    }
+    if (i == MAX_DEPTH)
+        e->flags |= F_DEPTH_TRUNCATED;
+    e->depth = depth;
+}
+
+// Fill the VMA's range, mm, chain length and anon_vma facts.
+static __always_inline void fill_vma(struct event *e, u64 vma)
+{
+    e->vma = vma;
+    if (!vma)
+        return;
+    e->vm_start = rd64(vma + OFF_VMA_START);
+    e->vm_end = rd64(vma + OFF_VMA_END);
+    e->mm = rd64(vma + OFF_VMA_MM);
+    u64 head = vma + OFF_VMA_AVC;
+    u64 n = rd64(head);
+    u32 len = 0;
+    int i;
+    for (i = 0; i < MAX_CHAIN; i++) {
+        if (n == head || n == 0)
+            break;
+        len++;
+        n = rd64(n);
+    }
+    if (i == MAX_CHAIN)
+        e->flags |= F_CHAIN_TRUNCATED;
+    e->chain_len = len;
+    fill_anon_vma(e, rd64(vma + OFF_VMA_ANON_VMA));
+}
+
+static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux, u64 aux2, s32 ret)
+{
+    if (!wanted())
+        return;
+    struct event *e = new_event(kind);
+    if (!e)
+        return;
+    fill_vma(e, vma);
+    e->aux = aux;
+    e->aux2 = aux2;
+    e->ret = ret;
+    submit(ctx, e);
+}
+
+// ---------------------------------------------------------------- fentry
+#define KFUNC_PROBE_X(fn, ...) KFUNC_PROBE(fn, __VA_ARGS__)
+#define KRETFUNC_PROBE_X(fn, ...) KRETFUNC_PROBE(fn, __VA_ARGS__)
+
+#if FORK_METHOD == 1
+KRETFUNC_PROBE(anon_vma_fork, u64 vma, u64 pvma, int ret)
+{
+    emit_vma_event(ctx, K_ANON_VMA_FORK, vma, pvma, 0, ret);
+    return 0;
+}
+#endif
+
+#if CLONE_METHOD == 1
+#if CLONE_NARGS == 3
+// 7.0 ("mm: clean up anon_vma implementation") adds enum vma_operation.
+KRETFUNC_PROBE(anon_vma_clone, u64 dst, u64 src, u64 op, int ret)
+#else
+KRETFUNC_PROBE(anon_vma_clone, u64 dst, u64 src, int ret)
+#endif
+{
+    emit_vma_event(ctx, K_ANON_VMA_CLONE, dst, src, 0, ret);
+    return 0;
+}
+#endif
+
+#if UNLINK_METHOD == 1
+KFUNC_PROBE(unlink_anon_vmas, u64 vma)
+{
+    emit_vma_event(ctx, K_UNLINK_ANON_VMAS, vma, 0, 0, 0);
+    return 0;
+}
+#endif
+
+#if RMAP_METHOD == 1
+KFUNC_PROBE_X(RMAP_FUNC, RMAP_FENTRY_ARGS)
+{
+    emit_vma_event(ctx, K_PAGE_SET_ANON_RMAP, RMAP_VMA, RMAP_PAGE, RMAP_ADDR, 0);
+    return 0;
+}
+#endif
+
+// ---------------------------------------------------------------- kprobe
+#if FORK_METHOD == 2 || CLONE_METHOD == 2 || UNLINK_METHOD == 2 || RMAP_METHOD == 2
+struct entry_args {
+    u64 a0;
+    u64 a1;
+};
+BPF_HASH(fork_args, u64, struct entry_args, 10240);
+BPF_HASH(clone_args, u64, struct entry_args, 10240);
+
+static __always_inline u64 kp_arg(struct pt_regs *ctx, int n)
+{
+    switch (n) {
+    case 0: return PT_REGS_PARM1(ctx);
+    case 1: return PT_REGS_PARM2(ctx);
+    case 2: return PT_REGS_PARM3(ctx);
+    case 3: return PT_REGS_PARM4(ctx);
+    case 4: return PT_REGS_PARM5(ctx);
+    }
+    return 0;
+}
+
+static __always_inline void save_args(struct pt_regs *ctx, void *map_ptr)
+{
+    if (!wanted())
+        return;
+    u64 id = bpf_get_current_pid_tgid();
+    struct entry_args a = {.a0 = PT_REGS_PARM1(ctx), .a1 = PT_REGS_PARM2(ctx)};
+    if (bpf_map_update_elem(map_ptr, &id, &a, BPF_ANY))
+        count(C_LOST_ARGS);
+}
+#endif
+
+#if FORK_METHOD == 2
+int kp_fork_entry(struct pt_regs *ctx) { save_args(ctx, &fork_args); return 0; }
+
+int kr_fork_exit(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct entry_args *a = fork_args.lookup(&id);
+    if (!a) {
+        if (wanted())
+            count(C_LOST_NO_ENTRY);
+        return 0;
+    }
+    u64 vma = a->a0, pvma = a->a1;
+    fork_args.delete(&id);
+    emit_vma_event(ctx, K_ANON_VMA_FORK, vma, pvma, 0, (s32)PT_REGS_RC(ctx));
+    return 0;
+}
+#endif
+
+#if CLONE_METHOD == 2
+int kp_clone_entry(struct pt_regs *ctx) { save_args(ctx, &clone_args); return 0; }
+
+int kr_clone_exit(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct entry_args *a = clone_args.lookup(&id);
+    if (!a) {
+        if (wanted())
+            count(C_LOST_NO_ENTRY);
+        return 0;
+    }
+    u64 dst = a->a0, src = a->a1;
+    clone_args.delete(&id);
+    emit_vma_event(ctx, K_ANON_VMA_CLONE, dst, src, 0, (s32)PT_REGS_RC(ctx));
+    return 0;
+}
+#endif
+
+#if UNLINK_METHOD == 2
+int kp_unlink_entry(struct pt_regs *ctx)
+{
+    emit_vma_event(ctx, K_UNLINK_ANON_VMAS, PT_REGS_PARM1(ctx), 0, 0, 0);
+    return 0;
+}
+#endif
+
+#if RMAP_METHOD == 2
+int kp_rmap_entry(struct pt_regs *ctx)
+{
+    u64 addr = RMAP_ADDR_IDX >= 0 ? kp_arg(ctx, RMAP_ADDR_IDX) : 0;
+    emit_vma_event(ctx, K_PAGE_SET_ANON_RMAP, kp_arg(ctx, RMAP_VMA_IDX),
+                   kp_arg(ctx, RMAP_PAGE_IDX), addr, 0);
+    return 0;
+}
+#endif
+
+// ------------------------------------------------------ kmem tracepoints
+static __always_inline u32 site_of(u64 ip)
+{
+    if (ip >= SITE_FORK_START && ip < SITE_FORK_END) return S_FORK;
+    if (ip >= SITE_CLONE_START && ip < SITE_CLONE_END) return S_CLONE;
+    if (ip >= SITE_PREPARE_START && ip < SITE_PREPARE_END) return S_PREPARE;
+    if (ip >= SITE_UNLINK_START && ip < SITE_UNLINK_END) return S_UNLINK;
+    if (ip >= SITE_PUT_START && ip < SITE_PUT_END) return S_PUT;
+#ifdef SITE_OTHER_START
+    if (ip >= SITE_OTHER_START && ip < SITE_OTHER_END) return S_OTHER;
+#endif
+    return 0;
+}
+
+static __always_inline void emit_avc(void *ctx, u32 kind, u32 site, u64 avc, u32 flags)
+{
+    struct event *e = new_event(kind);
+    if (!e)
+        return;
+    fill_vma(e, rd64(avc + OFF_AVC_VMA));
+    e->aux = avc;
+    e->aux2 = rd64(avc + OFF_AVC_ANON_VMA);
+    e->site = site;
+    e->flags |= flags;
+    submit(ctx, e);
+}
+
+static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 flags)
+{
+    struct event *e = new_event(kind);
+    if (!e)
+        return;
+    fill_anon_vma(e, av);
+    e->site = site;
+    e->flags |= flags;
+    submit(ctx, e);
+}
+
+#ifdef DERIVE_FROM_KMEM
+// Tracepoint backend. At kmem_cache_alloc the object is not initialised yet,
+// so each allocation waits in `pending` until the operation that made it has
+// finished: the task's next rmap allocation of the same kind at the same site
+// (a new operation), a clone-site allocation (anon_vma_clone links each chain
+// entry right after allocating it), a free, the end of fork
+// (sched_process_fork), a syscall exit, or task exit. Facts are read then.
+struct pending {
+    u64 clone_avc;
+    u64 fork_av;
+    u64 fork_avc;
+    u64 prep_av;
+    u64 prep_avc;
+};
+BPF_HASH(pending, u32, struct pending, 16384);
+
+static __always_inline void flush_clone(void *ctx, struct pending *p)
+{
+    if (p->clone_avc)
+        emit_avc(ctx, K_AVC_ALLOC, S_CLONE, p->clone_avc, F_DEFERRED);
+    p->clone_avc = 0;
+}
+
+static __always_inline void flush_fork(void *ctx, struct pending *p)
+{
+    if (p->fork_av)
+        emit_av(ctx, K_AV_ALLOC, S_FORK, p->fork_av, F_DEFERRED);
+    if (p->fork_avc)
+        emit_avc(ctx, K_AVC_ALLOC, S_FORK, p->fork_avc, F_DEFERRED);
+    p->fork_av = 0;
+    p->fork_avc = 0;
+}
+
+static __always_inline void flush_prep(void *ctx, struct pending *p)
+{
+    if (p->prep_av)
+        emit_av(ctx, K_AV_ALLOC, S_PREPARE, p->prep_av, F_DEFERRED);
+    if (p->prep_avc)
+        emit_avc(ctx, K_AVC_ALLOC, S_PREPARE, p->prep_avc, F_DEFERRED);
+    p->prep_av = 0;
+    p->prep_avc = 0;
+}
+
+// A fork-site anon_vma is complete once anon_vma_fork set its parent.
+static __always_inline int fork_done(struct pending *p)
+{
+    return p->fork_av && rd64(p->fork_av + OFF_AV_PARENT) != p->fork_av;
+}
+
+static __always_inline void flush_all(void *ctx, u32 tid)
+{
+    struct pending *p = pending.lookup(&tid);
+    if (!p)
+        return;
+    flush_clone(ctx, p);
+    flush_fork(ctx, p);
+    flush_prep(ctx, p);
+    pending.delete(&tid);
+}
+
+static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending zero = {};
+    struct pending *p = pending.lookup(&tid);
+    if (!p) {
+        if (pending.update(&tid, &zero)) {
+            count(C_LOST_PENDING);
+            return;
+        }
+        p = pending.lookup(&tid);
+        if (!p)
+            return;
+    }
+    flush_clone(ctx, p);
+    if (site == S_CLONE) {
+        if (fork_done(p))
+            flush_fork(ctx, p);
+        flush_prep(ctx, p);
+        p->clone_avc = ptr;
+    } else if (site == S_FORK) {
+        if ((is_av && p->fork_av) || (!is_av && p->fork_avc))
+            flush_fork(ctx, p);
+        flush_prep(ctx, p);
+        if (is_av)
+            p->fork_av = ptr;
+        else
+            p->fork_avc = ptr;
+    } else if (site == S_PREPARE) {
+        if ((is_av && p->prep_av) || (!is_av && p->prep_avc))
+            flush_prep(ctx, p);
+        if (fork_done(p))
+            flush_fork(ctx, p);
+        if (is_av)
+            p->prep_av = ptr;
+        else
+            p->prep_avc = ptr;
+    } else {
+        // An allocation we cannot attribute to an operation: report as is.
+        if (is_av)
+            emit_av(ctx, K_AV_ALLOC, site, ptr, 0);
+        else
+            emit_avc(ctx, K_AVC_ALLOC, site, ptr, 0);
+    }
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (pending.lookup(&tid))
+        flush_all(ctx, tid);
+    return 0;
+}
+#endif /* DERIVE_FROM_KMEM */
+
+TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
+{
+    u64 ip = args->call_site;
+    u32 site = site_of(ip);
+    if (!site || !wanted())
+        return 0;
+    u64 bytes = args->bytes_alloc;
+    int is_av;
+    if (bytes == AV_SLAB_SIZE)
+        is_av = 1;
+    else if (bytes == AVC_SLAB_SIZE)
+        is_av = 0;
+    else
+        return 0;
+    u64 ptr = (u64)args->ptr;
+    if (!ptr)
+        return 0;
+#ifdef DERIVE_FROM_KMEM
+    derive_alloc(args, site, is_av, ptr);
+#else
+    struct event *e = new_event(is_av ? K_AV_ALLOC : K_AVC_ALLOC);
+    if (!e)
+        return 0;
+    // Not initialised yet: only the pointer and the site are facts.
+    if (is_av)
+        e->anon_vma = ptr;
+    else
+        e->aux = ptr;
+    e->site = site;
+    submit(args, e);
+#endif
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, kmem_cache_free)
+{
+    u64 ip = args->call_site;
+    u32 site = site_of(ip);
+    if (!site || !wanted())
+        return 0;
+    u64 ptr = (u64)args->ptr;
+#ifdef DERIVE_FROM_KMEM
+    flush_all(args, (u32)bpf_get_current_pid_tgid());
+#endif
+    int is_av;
+#ifdef KMEM_FREE_HAS_NAME
+    // The anon_vma cache is never merged (it has a constructor); the
+    // anon_vma_chain cache is, so its name cannot be trusted alone.
+    char name[10] = {};
+    TP_DATA_LOC_READ_STR(&name, name, sizeof(name));
+    is_av = name[0] == 'a' && name[1] == 'n' && name[2] == 'o' && name[3] == 'n' &&
+            name[4] == '_' && name[5] == 'v' && name[6] == 'm' && name[7] == 'a' &&
+            name[8] == 0;
+#else
+    is_av = site == S_PUT;
+#endif
+    // The object is still intact at kmem_cache_free: read it.
+    if (is_av)
+        emit_av(args, K_AV_FREE, site, ptr, 0);
+    else
+        emit_avc(args, K_AVC_FREE, site, ptr, 0);
+    return 0;
+}
+
+// ------------------------------------------------------ process lifecycle
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+    u64 parent = ctx->args[0];
+    u64 child = ctx->args[1];
+    u32 ptgid = rd(parent + OFF_TASK_TGID, 4);
+    u32 ctgid = rd(child + OFF_TASK_TGID, 4);
+#ifdef DERIVE_FROM_KMEM
+    flush_all(ctx, (u32)bpf_get_current_pid_tgid());
+#endif
+#ifdef FILTER_ENABLED
+    if (!wanted_tgid(ptgid))
+        return 0;
+#ifdef FOLLOW_CHILDREN
+    u8 one = 1;
+    if (filter.update(&ctgid, &one))
+        count(C_LOST_FILTER);
+#endif
+#endif
+    struct event *e = new_event(K_PROC_FORK);
+    if (!e)
+        return 0;
+    e->mm = rd64(child + OFF_TASK_MM);
+    e->pid2 = ctgid;
+    e->tid2 = rd(child + OFF_TASK_PID, 4);
+    if (ctgid == ptgid)
+        e->flags |= F_THREAD;
+    bpf_probe_read_kernel(&e->comm, sizeof(e->comm), (void *)(child + OFF_TASK_COMM));
+    submit(ctx, e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+    if (!wanted())
+        return 0;
+    struct event *e = new_event(K_PROC_EXEC);
+    if (!e)
+        return 0;
+    e->mm = e->cur_mm;
+    e->pid2 = (u32)ctx->args[1];
+    submit(ctx, e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+#ifdef DERIVE_FROM_KMEM
+    flush_all(ctx, (u32)id);
+#endif
+    if (!wanted_tgid(tgid))
+        return 0;
+    struct event *e = new_event(K_PROC_EXIT);
+    if (!e)
+        return 0;
+    if ((u32)id != tgid)
+        e->flags |= F_THREAD;
+    submit(ctx, e);
+    return 0;
+}
+
+#ifdef FILTER_ENABLED
+// Forget a traced process only when its task is freed: since v6.16 the exit
+// tracepoint fires before exit_mm(), and the mm teardown (the frees we want)
+// comes after it.
+RAW_TRACEPOINT_PROBE(sched_process_free)
+{
+    u64 task = ctx->args[0];
+    u32 tgid = rd(task + OFF_TASK_TGID, 4);
+    if (rd(task + OFF_TASK_PID, 4) == tgid)
+        filter.delete(&tgid);
+    return 0;
+}
+#endif

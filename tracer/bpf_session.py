@@ -1,0 +1,334 @@
+"""Loading and attaching the BPF programs: the only module that imports bcc.
+
+:class:`TraceSession` is a context manager: probes are attached on entry and
+always released on exit, including on SIGINT and SIGTERM (the CLI turns
+SIGTERM into KeyboardInterrupt).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from tracer.bpf_source import MAIN_PROGRAM, BuildOptions, cflags
+from tracer.btf import Btf, BtfError, load_btf
+from tracer.derive import Deriver
+from tracer.errors import AnontraceError
+from tracer.events import LOSS_COUNTERS, Event, decode
+from tracer.headers import Headers, HeadersError, find_headers
+from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
+                               slab_object_size, tracepoint_fields, tracepoint_format)
+from tracer.layout import KernelLayout, read_layout
+from tracer.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
+
+BACKEND_CHOICES = ("auto",) + BACKENDS
+KRETPROBE_MAXACTIVE = 512
+
+_KPROBE_FUNCS = {
+    "anon_vma_fork": ("kp_fork_entry", "kr_fork_exit"),
+    "anon_vma_clone": ("kp_clone_entry", "kr_clone_exit"),
+    "unlink_anon_vmas": ("kp_unlink_entry", None),
+    "page_set_anon_rmap": ("kp_rmap_entry", None),
+}
+
+
+def import_bcc() -> Any:
+    """Import BCC with an actionable error where it is missing."""
+    try:
+        import bcc  # noqa: PLC0415  (only this module may import bcc)
+    except ImportError as exc:
+        raise AnontraceError(
+            "BCC's Python module is not importable: apt-get install python3-bpfcc, and run "
+            "anontrace with /usr/bin/python3 or a venv made with --system-site-packages"
+        ) from exc
+    return bcc
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise AnontraceError("anontrace needs root (CAP_BPF, CAP_PERFMON and "
+                             "CAP_SYS_ADMIN) to load BPF programs: run it with sudo")
+
+
+@dataclass
+class TraceOptions:
+    """What to trace and how."""
+
+    backend: str = "auto"
+    pids: tuple[int, ...] = ()
+    follow_children: bool = True
+    transport: str = "auto"  # auto, ringbuf, perf
+    env: KernelEnv = field(default_factory=KernelEnv)
+
+
+@dataclass
+class Attempt:
+    """The outcome of trying one backend."""
+
+    backend: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class KernelFacts:
+    """Everything read from the kernel before compiling anything."""
+
+    env: KernelEnv
+    kallsyms: Kallsyms
+    btf: Btf | None
+    btf_error: str | None
+    layout: KernelLayout | None
+    kprobes_available: bool
+    ringbuf_available: bool
+    kmem_free_has_name: bool
+    av_slab_size: int | None
+    avc_slab_size: int | None
+    headers: Headers | None
+    headers_error: str | None
+
+
+def read_kernel_facts(env: KernelEnv) -> KernelFacts:
+    """Feature-probe the kernel: kallsyms, BTF, tracefs, slab sizes, headers."""
+    try:
+        ensure_tracefs(env)
+    except KernelEnvError as exc:
+        raise AnontraceError(str(exc)) from exc
+    try:
+        kallsyms = Kallsyms.read(env)
+    except KernelEnvError as exc:
+        raise AnontraceError(str(exc)) from exc
+    btf = layout = None
+    btf_error = None
+    try:
+        btf = load_btf(env.btf)
+        layout = read_layout(btf)
+    except BtfError as exc:
+        btf_error = str(exc)
+    free_fmt = tracepoint_format(env, "kmem", "kmem_cache_free") or ""
+    try:
+        headers, headers_error = find_headers(env), None
+    except (HeadersError, OSError) as exc:
+        headers, headers_error = None, str(exc)
+    return KernelFacts(
+        env=env, kallsyms=kallsyms, btf=btf, btf_error=btf_error, layout=layout,
+        kprobes_available=(env.tracefs / "kprobe_events").exists(),
+        # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
+        ringbuf_available="bpf_ringbuf_output" in kallsyms,
+        kmem_free_has_name="name" in tracepoint_fields(free_fmt),
+        av_slab_size=slab_object_size(env, "anon_vma"),
+        avc_slab_size=slab_object_size(env, "anon_vma_chain"),
+        headers=headers, headers_error=headers_error)
+
+
+class TraceSession:
+    """Attached probes streaming decoded events.
+
+    >>> with TraceSession(TraceOptions(pids=(1234,))) as s:   # doctest: +SKIP
+    ...     for ev in s.poll(100): print(ev)
+    """
+
+    def __init__(self, options: TraceOptions, facts: KernelFacts | None = None) -> None:
+        self.options = options
+        self.facts = facts
+        self.plan: Plan | None = None
+        self.attempts: list[Attempt] = []
+        self.transport = ""
+        self._bpf: Any = None
+        self._queue: deque[Event] = deque()
+        self._decode_errors = 0
+        self._perf_lost = 0
+        self._deriver: Deriver | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def __enter__(self) -> "TraceSession":
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        require_root()
+        if self.options.backend not in BACKEND_CHOICES:
+            raise AnontraceError(f"unknown backend {self.options.backend!r}; "
+                                 f"choose one of {', '.join(BACKEND_CHOICES)}")
+        if self.facts is None:
+            self.facts = read_kernel_facts(self.options.env)
+        facts = self.facts
+        if facts.layout is None:
+            raise AnontraceError(f"cannot read struct offsets from BTF: {facts.btf_error}")
+        if facts.headers is None:
+            raise AnontraceError(str(facts.headers_error))
+        if not facts.av_slab_size or not facts.avc_slab_size:
+            raise AnontraceError("cannot find the anon_vma / anon_vma_chain slab caches in "
+                                 f"{facts.env.slab_sysfs} or {facts.env.slabinfo}")
+        facts.headers.apply()
+        bcc = import_bcc()
+        order = list(BACKENDS) if self.options.backend == "auto" else [self.options.backend]
+        for backend in order:
+            plan = plan_backend(backend, facts.kallsyms, facts.btf, facts.kprobes_available)
+            if not plan.usable:
+                why = "; ".join(f"{p}: {c.reason}" for p, c in plan.probes.items()
+                                if not c.ok and p != "page_set_anon_rmap")
+                self.attempts.append(Attempt(backend, False, why))
+                continue
+            try:
+                self._load(bcc, plan)
+            except _AttachFailed as exc:
+                self.attempts.append(Attempt(backend, False, str(exc)))
+                self._release()
+                continue
+            self.attempts.append(Attempt(backend, True))
+            self.plan = plan
+            if backend == "tracepoint":
+                self._deriver = Deriver()
+            return
+        summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
+        raise AnontraceError(f"no backend can trace anon_vmas on this kernel ({summary})")
+
+    def close(self) -> None:
+        """Detach every probe and free the maps. Safe to call twice."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._bpf is not None:
+            try:
+                self._bpf.cleanup()
+            finally:
+                self._bpf = None
+
+    # -- loading ---------------------------------------------------------
+    def _build_options(self, plan: Plan) -> BuildOptions:
+        facts = self.facts
+        assert facts is not None
+        transport = self.options.transport
+        if transport == "auto":
+            transport = "ringbuf" if facts.ringbuf_available else "perf"
+        if transport == "ringbuf" and not facts.ringbuf_available:
+            raise AnontraceError("this kernel has no BPF ring buffer (v5.8+): use --transport perf")
+        self.transport = transport
+        return BuildOptions(
+            ringbuf=transport == "ringbuf",
+            filter_pids=bool(self.options.pids),
+            follow_children=self.options.follow_children,
+            av_slab_size=facts.av_slab_size or 0,
+            avc_slab_size=facts.avc_slab_size or 0,
+            kmem_free_has_name=facts.kmem_free_has_name)
+
+    def _load(self, bcc: Any, plan: Plan) -> None:
+        facts = self.facts
+        assert facts is not None and facts.layout is not None
+        opts = self._build_options(plan)
+        flags = cflags(plan, facts.layout, opts)
+        try:
+            # fentry/fexit and tracepoint programs attach as they load.
+            self._bpf = bcc.BPF(src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
+        except Exception as exc:  # BCC raises bare Exception on load errors
+            raise _AttachFailed(_last_line(str(exc)) or type(exc).__name__) from exc
+        if plan.backend == "kprobe":
+            self._attach_kprobes(plan)
+        if opts.filter_pids:
+            table = self._bpf["filter"]
+            for pid in self.options.pids:
+                table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self._open_buffer(opts.ringbuf)
+
+    def _attach_kprobes(self, plan: Plan) -> None:
+        for probe in LOGICAL_PROBES:
+            choice = plan.probes[probe]
+            if not choice.ok:
+                continue
+            entry, exit_ = _KPROBE_FUNCS[probe]
+            try:
+                self._bpf.attach_kprobe(event=choice.function, fn_name=entry)
+                if exit_:
+                    self._bpf.attach_kretprobe(event=choice.function, fn_name=exit_,
+                                               maxactive=KRETPROBE_MAXACTIVE)
+            except Exception as exc:
+                msg = _last_line(str(exc))
+                if probe == "page_set_anon_rmap":
+                    choice.method, choice.reason = None, f"attach failed: {msg}"
+                    continue
+                raise _AttachFailed(f"{choice.function}: {msg}") from exc
+
+    def _open_buffer(self, ringbuf: bool) -> None:
+        def on_event(_ctx: Any, data: Any, size: int) -> None:
+            try:
+                self._queue.append(decode(ctypes.string_at(data, size)))
+            except ValueError:
+                self._decode_errors += 1
+
+        def on_lost(count: int) -> None:
+            self._perf_lost += count
+
+        table = self._bpf["events"]
+        if ringbuf:
+            table.open_ring_buffer(on_event)
+        else:
+            table.open_perf_buffer(on_event, page_cnt=256, lost_cb=on_lost)
+
+    # -- running ---------------------------------------------------------
+    def add_pid(self, pid: int) -> None:
+        """Start tracing another process (and, if following, its descendants)."""
+        self._bpf["filter"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
+        """Wait up to ``timeout_ms`` for events; return all decoded so far.
+
+        On the tracepoint backend the logical events rebuilt from kmem
+        events are interleaved with the raw ones.
+        """
+        if self._bpf is None:
+            raise AnontraceError("trace session is not open")
+        if self.transport == "ringbuf":
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.perf_buffer_poll(timeout_ms)
+        out = list(self._queue)
+        self._queue.clear()
+        if self._deriver is not None:
+            out = self._deriver.feed(out)
+        return out
+
+    def drain(self) -> list[Event]:
+        """Everything still buffered, including derived events held back."""
+        out = self.poll(0)
+        if self._deriver is not None:
+            out.extend(self._deriver.flush())
+        return out
+
+    def lost(self) -> dict[str, int]:
+        """Events lost, by reason, counted in the kernel (and perf's lost callback)."""
+        out = dict.fromkeys(LOSS_COUNTERS, 0)
+        if self._bpf is not None:
+            table = self._bpf["counters"]
+            for i, name in enumerate(LOSS_COUNTERS):
+                out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["perf_lost"] = self._perf_lost
+        out["undecodable"] = self._decode_errors
+        return out
+
+    def lost_total(self) -> int:
+        return sum(self.lost().values())
+
+    def iter_events(self, should_stop: Callable[[], bool], timeout_ms: int = 100
+                    ) -> Iterator[Event]:
+        while not should_stop():
+            yield from self.poll(timeout_ms)
+        yield from self.drain()
+
+
+class _AttachFailed(Exception):
+    pass
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""

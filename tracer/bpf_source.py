@@ -1,0 +1,72 @@
+"""The BPF program text and the one function that parameterises it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracer.layout import KernelLayout
+from tracer.probes import METHOD_CODES, Plan
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf_programs"
+MAIN_PROGRAM = BPF_DIR / "anontrace.bpf.c"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Knobs that change the compiled program."""
+
+    ringbuf: bool = True
+    ringbuf_pages: int = 256  # 1 MiB: one second of a fork storm
+    filter_pids: bool = False
+    follow_children: bool = True
+    filter_max: int = 65536
+    av_slab_size: int = 0
+    avc_slab_size: int = 0
+    kmem_free_has_name: bool = False
+    max_depth: int = 128
+    max_chain: int = 128
+
+
+def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
+    """Every substitution into anontrace.bpf.c, as -D flags."""
+    d: dict[str, int | str | None] = dict(layout.defines())
+    for probe, macro in (("anon_vma_fork", "FORK_METHOD"), ("anon_vma_clone", "CLONE_METHOD"),
+                         ("unlink_anon_vmas", "UNLINK_METHOD"),
+                         ("page_set_anon_rmap", "RMAP_METHOD")):
+        choice = plan.probes[probe]
+        d[macro] = METHOD_CODES[plan.backend] if choice.ok else 0
+    d["CLONE_NARGS"] = plan.clone_nargs
+    if plan.backend == "tracepoint":
+        d["DERIVE_FROM_KMEM"] = None
+    if plan.rmap is not None and plan.probes["page_set_anon_rmap"].ok:
+        r = plan.rmap
+        names = [f"a{i}" for i in range(r.nargs)]
+        d["RMAP_FUNC"] = r.function
+        d["RMAP_FENTRY_ARGS"] = ", ".join(f"u64 {n}" for n in names)
+        d["RMAP_VMA"] = names[r.vma]
+        d["RMAP_PAGE"] = names[r.page]
+        d["RMAP_ADDR"] = names[r.addr] if r.addr >= 0 else "0"
+        d["RMAP_VMA_IDX"], d["RMAP_PAGE_IDX"], d["RMAP_ADDR_IDX"] = r.vma, r.page, r.addr
+    for key in ("FORK", "CLONE", "PREPARE", "UNLINK", "PUT"):
+        sym = plan.sites.get(key)
+        # A missing site gets an empty range: nothing matches it.
+        d[f"SITE_{key}_START"] = f"{sym.start:#x}ULL" if sym else "1ULL"
+        d[f"SITE_{key}_END"] = f"{sym.end:#x}ULL" if sym else "0ULL"
+    if plan.other_site is not None:
+        d["SITE_OTHER_START"] = f"{plan.other_site.start:#x}ULL"
+        d["SITE_OTHER_END"] = f"{plan.other_site.end:#x}ULL"
+    d["AV_SLAB_SIZE"] = opts.av_slab_size
+    d["AVC_SLAB_SIZE"] = opts.avc_slab_size
+    if opts.kmem_free_has_name:
+        d["KMEM_FREE_HAS_NAME"] = None
+    if opts.ringbuf:
+        d["USE_RINGBUF"] = None
+        d["RINGBUF_PAGES"] = opts.ringbuf_pages
+    if opts.filter_pids:
+        d["FILTER_ENABLED"] = None
+        if opts.follow_children:
+            d["FOLLOW_CHILDREN"] = None
+    d["FILTER_MAX"] = opts.filter_max
+    d["MAX_DEPTH"] = opts.max_depth
+    d["MAX_CHAIN"] = opts.max_chain
+    return [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())]

@@ -1,0 +1,100 @@
+"""Rebuild the logical probes from kmem events (tracepoint backend).
+
+Kernels without kprobes and fentry (like hardened cloud kernels) still have
+the kmem tracepoints. The BPF side reports every anon_vma_chain allocation
+with the facts read once its operation finished (F_DEFERRED), and every free
+with the object still intact. This module groups them per task:
+
+* clone-site chain allocations for one VMA  -> one anon_vma_clone
+* a fork-site chain allocation               -> one anon_vma_fork (new anon_vma)
+* a clone group into another mm (a fork) with no fork-site allocation after
+  it                                        -> one anon_vma_fork that reused an
+                                               ancestor (F_REUSED)
+* unlink-site chain frees for one VMA        -> one unlink_anon_vmas
+
+Raw events pass through unchanged; synthetic ones carry F_SYNTHETIC.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tracer.events import F_REUSED, F_SYNTHETIC, Event, Kind, Site
+
+
+@dataclass
+class _Group:
+    kind: Kind          # ANON_VMA_CLONE or UNLINK_ANON_VMAS
+    last: Event
+    count: int
+
+
+class Deriver:
+    """Stateful per-task grouping; feed it events in stream order."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, _Group] = {}
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for ev in events:
+            self._one(ev, out)
+        return out
+
+    def flush(self) -> list[Event]:
+        """Close every open group (end of stream)."""
+        out: list[Event] = []
+        for tid in list(self._groups):
+            self._close(tid, None, out)
+        return out
+
+    def _one(self, ev: Event, out: list[Event]) -> None:
+        tid = ev.tid
+        g = self._groups.get(tid)
+        if ev.kind is Kind.AVC_ALLOC and ev.site is Site.CLONE:
+            if g is not None and g.kind is Kind.ANON_VMA_CLONE and g.last.vma == ev.vma:
+                g.last, g.count = ev, g.count + 1
+            else:
+                self._close(tid, ev, out)
+                self._groups[tid] = _Group(Kind.ANON_VMA_CLONE, ev, 1)
+            out.append(ev)
+            return
+        if ev.kind is Kind.AVC_FREE and ev.site is Site.UNLINK:
+            if g is not None and g.kind is Kind.UNLINK_ANON_VMAS and g.last.vma == ev.vma:
+                g.count += 1
+            else:
+                self._close(tid, ev, out)
+                self._groups[tid] = _Group(Kind.UNLINK_ANON_VMAS, ev, 1)
+            out.append(ev)
+            return
+        if ev.kind is Kind.AV_FREE and ev.site is Site.PUT and g is not None \
+                and g.kind is Kind.UNLINK_ANON_VMAS:
+            # unlink_anon_vmas drops anon_vma references between chain frees.
+            out.append(ev)
+            return
+        if g is not None:
+            self._close(tid, ev, out)
+        out.append(ev)
+        if ev.kind is Kind.AVC_ALLOC and ev.site is Site.FORK:
+            out.append(_synth(ev, Kind.ANON_VMA_FORK, 0))
+
+    def _close(self, tid: int, nxt: Event | None, out: list[Event]) -> None:
+        g = self._groups.pop(tid, None)
+        if g is None:
+            return
+        if g.kind is Kind.UNLINK_ANON_VMAS:
+            unlink = _synth(g.last, Kind.UNLINK_ANON_VMAS, 0)
+            unlink.chain_len = g.count  # entries the teardown freed
+            out.append(unlink)
+            return
+        out.append(_synth(g.last, Kind.ANON_VMA_CLONE, 0))
+        into_child = g.last.mm != 0 and g.last.cur_mm != 0 and g.last.mm != g.last.cur_mm
+        allocates_next = nxt is not None and nxt.site is Site.FORK and nxt.kind in (
+            Kind.AV_ALLOC, Kind.AVC_ALLOC)
+        if into_child and not allocates_next:
+            out.append(_synth(g.last, Kind.ANON_VMA_FORK, F_REUSED))
+
+
+def _synth(ev: Event, kind: Kind, flags: int) -> Event:
+    return dataclasses.replace(ev, kind=kind, flags=ev.flags | F_SYNTHETIC | flags,
+                               aux=0, aux2=0)

@@ -1,0 +1,146 @@
+"""Facts about the running kernel, read from injectable paths.
+
+Every path is a field of :class:`KernelEnv` so that tests can point the
+probe-resolution logic at files recorded from real machines.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class KernelEnvError(Exception):
+    """A kernel fact could not be read."""
+
+
+@dataclass(frozen=True)
+class KernelEnv:
+    """Where the kernel's facts live. Defaults describe the live system."""
+
+    release: str = field(default_factory=lambda: os.uname().release)
+    kallsyms: Path = Path("/proc/kallsyms")
+    btf: Path = Path("/sys/kernel/btf/vmlinux")
+    tracefs: Path = Path("/sys/kernel/tracing")
+    lockdown: Path = Path("/sys/kernel/security/lockdown")
+    slab_sysfs: Path = Path("/sys/kernel/slab")
+    slabinfo: Path = Path("/proc/slabinfo")
+    modules: Path = Path("/lib/modules")
+    usr_src: Path = Path("/usr/src")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A text symbol and the address range up to the next symbol."""
+
+    name: str
+    start: int
+    end: int
+
+
+class Kallsyms:
+    """Text symbols of the running kernel, with their address ranges.
+
+    The end of a function is taken as the start of the next text symbol,
+    which is what call_site range checks need.
+    """
+
+    def __init__(self, text: str) -> None:
+        starts: list[tuple[int, str]] = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 3 or parts[1] not in "tTwW" or len(parts) > 3:
+                continue  # module symbols carry a 4th column; only vmlinux text matters
+            try:
+                addr = int(parts[0], 16)
+            except ValueError:
+                continue
+            starts.append((addr, parts[2]))
+        starts.sort()
+        self._addrs = [a for a, _ in starts]
+        self._names = [n for _, n in starts]
+        self._syms: dict[str, Symbol] = {}
+        for i, (addr, name) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else addr + 1
+            # Keep the first definition: static duplicates share a name.
+            self._syms.setdefault(name, Symbol(name, addr, end))
+        self.hidden = bool(starts) and all(a == 0 for a in self._addrs)
+
+    @classmethod
+    def read(cls, env: KernelEnv) -> "Kallsyms":
+        try:
+            return cls(env.kallsyms.read_text())
+        except OSError as exc:
+            raise KernelEnvError(f"cannot read {env.kallsyms}: {exc.strerror}") from exc
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._syms
+
+    def get(self, name: str) -> Symbol | None:
+        return self._syms.get(name)
+
+    def lookup(self, addr: int) -> str | None:
+        """Name of the text symbol that contains ``addr``."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        return self._names[i] if i >= 0 else None
+
+
+def read_lockdown(env: KernelEnv) -> str:
+    """The active lockdown mode ('none', 'integrity', 'confidentiality'),
+    or 'unknown' where securityfs does not expose it."""
+    try:
+        text = env.lockdown.read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else "unknown"
+
+
+def tracepoint_format(env: KernelEnv, category: str, event: str) -> str | None:
+    """The tracefs format text of a tracepoint, None if it does not exist."""
+    path = env.tracefs / "events" / category / event / "format"
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def tracepoint_fields(fmt: str) -> set[str]:
+    """Field names declared in a tracefs format text."""
+    return set(re.findall(r"field:[^;]*?[\s*](\w+)(?:\[\d*\])?;", fmt))
+
+
+def slab_object_size(env: KernelEnv, cache: str) -> int | None:
+    """Bytes per object of a slab cache as kmem tracepoints report them
+    (``bytes_alloc`` is the cache's ``size``: object plus alignment)."""
+    try:
+        return int((env.slab_sysfs / cache / "slab_size").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in env.slabinfo.read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == cache and len(parts) > 3:
+                return int(parts[3])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def ensure_tracefs(env: KernelEnv) -> None:
+    """Mount tracefs (and debugfs, where BCC looks by default) if absent.
+
+    Debian mounts them at boot; minimal and hardened images often do not.
+    """
+    if (env.tracefs / "events").is_dir():
+        return
+    if env.tracefs != Path("/sys/kernel/tracing"):
+        raise KernelEnvError(f"tracefs not found at {env.tracefs}")
+    rc = os.system("mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null")
+    if rc != 0 or not (env.tracefs / "events").is_dir():
+        raise KernelEnvError("tracefs is not mounted and could not be mounted at "
+                             "/sys/kernel/tracing")
+    if not Path("/sys/kernel/debug/tracing").exists():
+        os.system("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null")

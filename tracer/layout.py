@@ -1,0 +1,65 @@
+"""Member offsets of the kernel structs anontrace reads, taken from BTF."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracer.btf import Btf, BtfError
+
+# struct -> members the BPF programs read (macro name suffix, member).
+_MEMBERS: dict[str, list[tuple[str, str]]] = {
+    "anon_vma": [("AV_ROOT", "root"), ("AV_PARENT", "parent")],
+    "anon_vma_chain": [("AVC_VMA", "vma"), ("AVC_ANON_VMA", "anon_vma"),
+                       ("AVC_SAME_VMA", "same_vma")],
+    "vm_area_struct": [("VMA_START", "vm_start"), ("VMA_END", "vm_end"), ("VMA_MM", "vm_mm"),
+                       ("VMA_AVC", "anon_vma_chain"), ("VMA_ANON_VMA", "anon_vma")],
+    "task_struct": [("TASK_MM", "mm"), ("TASK_PID", "pid"), ("TASK_TGID", "tgid"),
+                    ("TASK_COMM", "comm")],
+}
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """Offsets (bytes) for every member the BPF programs read.
+
+    ``counters`` names the anon_vma fan-out era: ``"degree"`` before commit
+    2555283eb40d ("mm/rmap: Fix anon_vma->degree ambiguity leading to
+    double-reuse") (v6.0 and its stable backports), else ``"num_children"`` with ``num_active_vmas``.
+    """
+
+    offsets: dict[str, int]
+    sizes: dict[str, int]
+    counters: str
+
+    def defines(self) -> dict[str, int | None]:
+        """The -D macros these offsets become."""
+        out: dict[str, int | None] = {f"OFF_{k}": v for k, v in self.offsets.items()}
+        out.update({f"SZ_{k}": v for k, v in self.sizes.items()})
+        if self.counters == "degree":
+            out["AV_HAS_DEGREE"] = None
+        return out
+
+
+def read_layout(btf: Btf) -> KernelLayout:
+    """Resolve every offset anontrace needs; BtfError names the first missing one."""
+    offsets: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for struct, members in _MEMBERS.items():
+        for key, member in members:
+            offsets[key] = btf.member(struct, member).offset
+    # The chain walk follows list_head.next as the first word of each node.
+    if btf.member("list_head", "next").offset != 0:
+        raise BtfError("list_head.next is not at offset 0")
+    if btf.has_member("anon_vma", "num_children"):
+        counters = "num_children"
+        for key, member in (("AV_NUM_CHILDREN", "num_children"),
+                            ("AV_NUM_ACTIVE_VMAS", "num_active_vmas")):
+            m = btf.member("anon_vma", member)
+            offsets[key], sizes[key] = m.offset, m.size
+    elif btf.has_member("anon_vma", "degree"):
+        counters = "degree"
+        m = btf.member("anon_vma", "degree")
+        offsets["AV_DEGREE"], sizes["AV_DEGREE"] = m.offset, m.size
+    else:
+        raise BtfError("struct anon_vma has neither num_children nor degree: "
+                       "an anon_vma design this version of anontrace does not know")
+    return KernelLayout(offsets, sizes, counters)
