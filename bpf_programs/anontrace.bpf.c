@@ -286,19 +286,26 @@ static __always_inline u64 kp_arg(struct pt_regs *ctx, int n)
     return 0;
 }
 
-static __always_inline void save_args(struct pt_regs *ctx, void *map_ptr)
-{
-    if (!wanted())
-        return;
-    u64 id = bpf_get_current_pid_tgid();
-    struct entry_args a = {.a0 = PT_REGS_PARM1(ctx), .a1 = PT_REGS_PARM2(ctx)};
-    if (bpf_map_update_elem(map_ptr, &id, &a, BPF_ANY))
-        count(C_LOST_ARGS);
-}
 #endif
 
 #if FORK_METHOD == 2
-int kp_fork_entry(struct pt_regs *ctx) { save_args(ctx, &fork_args); return 0; }
+static __always_inline int save_args(struct pt_regs *ctx, struct entry_args *a)
+{
+    if (!wanted())
+        return 0;
+    a->a0 = PT_REGS_PARM1(ctx);
+    a->a1 = PT_REGS_PARM2(ctx);
+    return 1;
+}
+
+int kp_fork_entry(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct entry_args a = {};
+    if (save_args(ctx, &a) && fork_args.update(&id, &a))
+        count(C_LOST_ARGS);
+    return 0;
+}
 
 int kr_fork_exit(struct pt_regs *ctx)
 {
@@ -317,7 +324,14 @@ int kr_fork_exit(struct pt_regs *ctx)
 #endif
 
 #if CLONE_METHOD == 2
-int kp_clone_entry(struct pt_regs *ctx) { save_args(ctx, &clone_args); return 0; }
+int kp_clone_entry(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct entry_args a = {};
+    if (save_args(ctx, &a) && clone_args.update(&id, &a))
+        count(C_LOST_ARGS);
+    return 0;
+}
 
 int kr_clone_exit(struct pt_regs *ctx)
 {

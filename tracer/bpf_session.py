@@ -6,6 +6,7 @@ SIGTERM into KeyboardInterrupt).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import deque
@@ -226,16 +227,20 @@ class TraceSession:
         facts = self.facts
         assert facts is not None and facts.layout is not None
         opts = self._build_options(plan)
-        flags = cflags(plan, facts.layout, opts)
+        flags = cflags(plan, facts.layout, opts) + ["-w"]
+        captured: list[str] = []
         try:
             # fentry/fexit and tracepoint programs attach as they load.
-            self._bpf = bcc.BPF(src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
+            with _captured_stderr(captured):
+                self._bpf = bcc.BPF(src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            raise _AttachFailed(_last_line(str(exc)) or type(exc).__name__) from exc
+            detail = _last_line(str(exc)) or type(exc).__name__
+            hint = _verifier_hint(captured[0] if captured else "")
+            raise _AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
         if opts.filter_pids:
-            table = self._bpf["filter"]
+            table = self._bpf[b"filter"]
             for pid in self.options.pids:
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
         self._open_buffer(opts.ringbuf)
@@ -246,13 +251,19 @@ class TraceSession:
             if not choice.ok:
                 continue
             entry, exit_ = _KPROBE_FUNCS[probe]
+            captured: list[str] = []
             try:
-                self._bpf.attach_kprobe(event=choice.function, fn_name=entry)
-                if exit_:
-                    self._bpf.attach_kretprobe(event=choice.function, fn_name=exit_,
-                                               maxactive=KRETPROBE_MAXACTIVE)
+                with _captured_stderr(captured):
+                    self._bpf.attach_kprobe(event=choice.function.encode(),
+                                            fn_name=entry.encode())
+                    if exit_:
+                        self._bpf.attach_kretprobe(event=choice.function.encode(),
+                                                   fn_name=exit_.encode(),
+                                                   maxactive=KRETPROBE_MAXACTIVE)
             except Exception as exc:
                 msg = _last_line(str(exc))
+                hint = _verifier_hint(captured[0] if captured else "")
+                msg += f" ({hint})" if hint else ""
                 if probe == "page_set_anon_rmap":
                     choice.method, choice.reason = None, f"attach failed: {msg}"
                     continue
@@ -268,7 +279,7 @@ class TraceSession:
         def on_lost(count: int) -> None:
             self._perf_lost += count
 
-        table = self._bpf["events"]
+        table = self._bpf[b"events"]
         if ringbuf:
             table.open_ring_buffer(on_event)
         else:
@@ -277,7 +288,7 @@ class TraceSession:
     # -- running ---------------------------------------------------------
     def add_pid(self, pid: int) -> None:
         """Start tracing another process (and, if following, its descendants)."""
-        self._bpf["filter"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self._bpf[b"filter"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def poll(self, timeout_ms: int = 100) -> list[Event]:
         """Wait up to ``timeout_ms`` for events; return all decoded so far.
@@ -308,7 +319,7 @@ class TraceSession:
         """Events lost, by reason, counted in the kernel (and perf's lost callback)."""
         out = dict.fromkeys(LOSS_COUNTERS, 0)
         if self._bpf is not None:
-            table = self._bpf["counters"]
+            table = self._bpf[b"counters"]
             for i, name in enumerate(LOSS_COUNTERS):
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out["perf_lost"] = self._perf_lost
@@ -327,6 +338,33 @@ class TraceSession:
 
 class _AttachFailed(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _captured_stderr(sink: list[str]) -> Iterator[None]:
+    """Collect what libbcc and libbpf print on fd 2 (compiler warnings,
+    verifier logs) so the user sees one clear line instead."""
+    # A memfd, not a temp file: /tmp may be a 9p share (QEMU guests) where
+    # unlinked files cannot be read back.
+    saved = os.dup(2)
+    fd = os.memfd_create("anontrace-stderr")
+    with open(fd, "rb") as tmp:
+        os.dup2(fd, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _verifier_hint(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("libbpf:", "bpf:")) or "error:" in line:
+            return line
+    return ""
 
 
 def _last_line(text: str) -> str:

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this):
+#   1. installs everything (scripts/install.sh --test),
+#   2. unit tests (pure logic, recorded fixtures),
+#   3. kernel tests on the host kernel, per backend,
+#   4. kernel tests inside Debian's 6.1 and 6.12 kernels booted under QEMU,
+#      with fentry and kprobe forced and the automatic choice,
+# then prints one `kernel <release> <method>: N passed, M failed` line per
+# kernel and method, and a total.
+# Usage: scripts/test.sh [--no-install] [--no-guests]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+install=1 guests=1
+for arg in "$@"; do
+    case $arg in
+        --no-install) install=0 ;;
+        --no-guests) guests=0 ;;
+        *) echo "usage: scripts/test.sh [--no-install] [--no-guests]" >&2; exit 2 ;;
+    esac
+done
+if [ "$install" = 1 ]; then
+    scripts/install.sh --test || { echo "test.sh: install failed" >&2; exit 1; }
+fi
+
+py=$repo/.venv/bin/python
+results=$repo/results
+rm -rf "$results"
+mkdir -p "$results"
+status=0
+
+run_pytest() {  # label, then pytest arguments
+    local label=$1
+    shift
+    "$py" -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$results/$label.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$rc" > "$results/$label.rc"
+    [ "$rc" = 0 ] || status=1
+}
+
+echo "== unit tests"
+run_pytest unit tests/unit
+
+for method in tracepoint auto; do
+    echo "== kernel tests: host $(uname -r), $method"
+    ANONTRACE_TEST_BACKEND=$method run_pytest "host-$method" tests/kernel
+done
+
+if [ "$guests" = 1 ]; then
+    for series in 6.1 6.12; do
+        echo "== kernel tests: Debian $series under QEMU (auto, fentry, kprobe)"
+        guest_cmd="for m in auto fentry kprobe; do
+            echo \"== guest \$(uname -r) \$m\";
+            ANONTRACE_TEST_BACKEND=\$m $py -m pytest -q -rs -p no:cacheprovider tests/kernel \
+                > $results/$series-\$m.log 2>&1;
+            echo \$? > $results/$series-\$m.rc; cat $results/$series-\$m.log; done"
+        "$py" tests/guest/boot.py --kernel "$series" --timeout 1800 -- "$guest_cmd"
+        for m in auto fentry kprobe; do
+            rc=$(cat "$results/$series-$m.rc" 2>/dev/null || echo missing)
+            if [ "$rc" != 0 ]; then
+                echo "test.sh: guest $series $m: pytest status $rc" >&2
+                status=1
+            fi
+        done
+    done
+fi
+
+echo
+echo "== summary"
+passed=0 failed=0
+while read -r line; do
+    echo "$line"
+    p=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed$/\1/' <<<"$line")
+    f=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed$/\2/' <<<"$line")
+    passed=$((passed + p)) failed=$((failed + f))
+done < <(grep -h -E '^kernel .+: [0-9]+ passed, [0-9]+ failed$' "$results"/*.log)
+unit=$(grep -h -E '^[0-9]+ passed' "$results/unit.log" | tail -n 1)
+echo "unit tests: ${unit:-none}"
+echo "kernel: $passed passed, $failed failed"
+exit $status

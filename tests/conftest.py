@@ -1,0 +1,54 @@
+"""Shared fixtures: the C workloads, built once per session, and the
+per-kernel summary line the CI log is read for."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = ROOT / "tests" / "workloads"
+BUILD = ROOT / "build" / "workloads"
+
+
+def build_workload(name: str) -> Path:
+    """Compile tests/workloads/<name>.c (once) and return the binary."""
+    src = WORKLOADS / f"{name}.c"
+    out = BUILD / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        BUILD.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)],
+                       check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def forkchain_bin() -> Path:
+    return build_workload("forkchain")
+
+
+def test_backend() -> str:
+    """The backend kernel tests force: ANONTRACE_TEST_BACKEND (default auto)."""
+    return os.environ.get("ANONTRACE_TEST_BACKEND", "auto")
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    return test_backend()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print `kernel <release> <method>: N passed, M failed` for kernel tests."""
+    stats = terminalreporter.stats
+    def kernel_reports(key: str) -> int:
+        return sum(1 for r in stats.get(key, [])
+                   if getattr(r, "when", "call") in ("call", "setup")
+                   and "kernel" in getattr(r, "keywords", {})
+                   and (key != "failed" or r.when in ("call", "setup"))
+                   and (key != "passed" or r.when == "call"))
+    passed, failed = kernel_reports("passed"), kernel_reports("failed") + kernel_reports("error")
+    if passed or failed:
+        terminalreporter.write_line(
+            f"kernel {os.uname().release} {test_backend()}: {passed} passed, {failed} failed")

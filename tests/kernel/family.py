@@ -1,0 +1,117 @@
+"""Run the forkchain workload under a TraceSession and keep what was seen."""
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tracer.bpf_session import TraceOptions, TraceSession
+from tracer.events import Event, Kind
+
+
+@dataclass
+class Generation:
+    gen: int
+    pid: int
+    regions: list[int]
+
+
+@dataclass
+class FamilyRun:
+    backend: str
+    regions: int
+    generations: int
+    gens: dict[int, Generation] = field(default_factory=dict)
+    alive_events: list[Event] = field(default_factory=list)   # up to "ready"
+    events: list[Event] = field(default_factory=list)         # everything
+    lost: dict[str, int] = field(default_factory=dict)
+    probes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    bystander_pid: int = 0
+    while_alive: dict[str, object] = field(default_factory=dict)
+
+    def mm_of(self, pid: int) -> int:
+        """The mm of a traced process, learned from fork events."""
+        for ev in self.events:
+            if ev.kind is Kind.PROC_FORK and ev.pid2 == pid:
+                return ev.mm
+        raise AssertionError(f"no proc_fork event for pid {pid}")
+
+    def region_events(self, kind: Kind, gen: int) -> list[Event]:
+        g = self.gens[gen]
+        mm = self.mm_of(g.pid) if gen > 0 else None
+        regions = set(g.regions)
+        return [ev for ev in self.events if ev.kind is kind and ev.vm_start in regions
+                and (mm is None or ev.mm == mm)
+                and (gen > 0 or ev.tgid == g.pid)]
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> dict:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError("workload said nothing")
+    line = proc.stdout.readline()
+    if not line:
+        raise EOFError("workload exited early")
+    return json.loads(line)
+
+
+def run_family(binary: Path, backend: str, regions: int, generations: int,
+               while_alive: Callable[[FamilyRun, TraceSession], None] | None = None,
+               settle: float = 1.5, timeout: float = 120.0) -> FamilyRun:
+    """Start forkchain paused, trace it (and not a bystander), let it build
+    the chain, optionally inspect it alive, then let it exit and collect."""
+    run = FamilyRun(backend, regions, generations)
+    proc = subprocess.Popen([str(binary), str(regions), str(generations), "touch"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    bystander = subprocess.Popen([str(binary), "2", "2"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, bufsize=0)
+    try:
+        start = _readline(proc, timeout)
+        run.bystander_pid = _readline(bystander, timeout)["pid"]
+        with TraceSession(TraceOptions(backend=backend, pids=(start["pid"],))) as session:
+            assert session.plan is not None
+            run.probes = {p: (c.function, c.method) for p, c in session.plan.probes.items()}
+            assert proc.stdin is not None and bystander.stdin is not None
+            proc.stdin.write(b"g")
+            proc.stdin.flush()
+            bystander.stdin.write(b"g")
+            bystander.stdin.flush()
+            deadline = time.monotonic() + timeout
+            ready = False
+            # Generations print concurrently: "ready" may precede a gen line.
+            while not ready or len(run.gens) < generations + 1:
+                msg = _readline(proc, max(1.0, deadline - time.monotonic()))
+                if msg["event"] == "gen":
+                    run.gens[msg["gen"]] = Generation(msg["gen"], msg["pid"], msg["regions"])
+                elif msg["event"] == "ready":
+                    ready = True
+                run.alive_events.extend(session.poll(0))
+            time.sleep(0.2)
+            run.alive_events.extend(session.poll(100))
+            if while_alive is not None:
+                while_alive(run, session)
+                run.alive_events.extend(session.poll(0))
+            run.events.extend(run.alive_events)
+            proc.stdin.close()
+            bystander.stdin.close()
+            proc.wait(timeout=timeout)
+            bystander.wait(timeout=timeout)
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < settle:
+                got = session.poll(100)
+                if got:
+                    run.events.extend(got)
+                    quiet_since = time.monotonic()
+            run.events.extend(session.drain())
+            run.lost = session.lost()
+    finally:
+        for p in (proc, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return run
