@@ -107,3 +107,7 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
                 click.echo(f"lost events: {lost}", err=True)
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -91,9 +91,25 @@ class Event:
         d = asdict(self)
         d["kind"] = self.kind.name.lower()
         d["site"] = self.site.name.lower()
-        for k in ("mm", "cur_mm", "vma", "anon_vma", "parent", "root", "aux", "aux2"):
+        for k in _POINTERS:
             d[k] = f"{d[k]:#x}"
         return d
+
+
+_POINTERS = ("mm", "cur_mm", "vma", "anon_vma", "parent", "root", "aux", "aux2")
+
+
+def event_from_dict(d: dict[str, Any]) -> Event:
+    """Inverse of :meth:`Event.to_dict` (recorded fixtures, JSON streams)."""
+    try:
+        kw = dict(d)
+        kw["kind"] = Kind[str(d["kind"]).upper()]
+        kw["site"] = Site[str(d["site"]).upper()]
+        for k in _POINTERS:
+            kw[k] = int(d[k], 16) if isinstance(d[k], str) else int(d[k])
+        return Event(**kw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not an anontrace event: {exc}") from exc
 
 
 def decode(data: bytes | memoryview) -> Event:

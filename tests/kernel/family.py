@@ -30,6 +30,7 @@ class FamilyRun:
     events: list[Event] = field(default_factory=list)         # everything
     lost: dict[str, int] = field(default_factory=dict)
     probes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    transport: str = ""
     bystander_pid: int = 0
     while_alive: dict[str, object] = field(default_factory=dict)
 
@@ -62,7 +63,8 @@ def _readline(proc: subprocess.Popen[bytes], timeout: float) -> dict:
 
 def run_family(binary: Path, backend: str, regions: int, generations: int,
                while_alive: Callable[[FamilyRun, TraceSession], None] | None = None,
-               settle: float = 1.5, timeout: float = 120.0) -> FamilyRun:
+               settle: float = 1.5, timeout: float = 120.0,
+               transport: str = "auto") -> FamilyRun:
     """Start forkchain paused, trace it (and not a bystander), let it build
     the chain, optionally inspect it alive, then let it exit and collect."""
     run = FamilyRun(backend, regions, generations)
@@ -73,9 +75,11 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
     try:
         start = _readline(proc, timeout)
         run.bystander_pid = _readline(bystander, timeout)["pid"]
-        with TraceSession(TraceOptions(backend=backend, pids=(start["pid"],))) as session:
+        with TraceSession(TraceOptions(backend=backend, pids=(start["pid"],),
+                                       transport=transport)) as session:
             assert session.plan is not None
             run.probes = {p: (c.function, c.method) for p, c in session.plan.probes.items()}
+            run.transport = session.transport
             assert proc.stdin is not None and bystander.stdin is not None
             proc.stdin.write(b"g")
             proc.stdin.flush()

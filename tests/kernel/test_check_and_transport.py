@@ -1,0 +1,49 @@
+"""`anontrace check --json` on the running kernel, and the perf-buffer path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernel.family import run_family
+from tracer.events import Kind
+from tracer.probes import LOGICAL_PROBES
+
+
+@pytest.fixture(scope="module")
+def check_report(backend):
+    if backend != "auto":
+        pytest.skip(f"check probes every backend itself; it runs in the auto pass, not {backend}")
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "check", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_check_lists_four_probes(check_report) -> None:
+    probes = {p["probe"]: p for p in check_report["probes"]}
+    assert list(probes) == list(LOGICAL_PROBES)
+    for p in probes.values():
+        # Each probe has a method and function, or says why not.
+        assert (p["method"] and p["function"]) or p["reason"], p
+    assert all(probes[p]["method"] for p in LOGICAL_PROBES[:3])
+
+
+def test_check_backend_is_first_that_works(check_report) -> None:
+    order = ["fentry", "kprobe", "tracepoint"]
+    working = [b for b in order if check_report["backends"][b]["ok"]]
+    assert check_report["backend"] == working[0]
+    for b in order:
+        entry = check_report["backends"][b]
+        assert entry["ok"] or entry["error"], (b, entry)
+
+
+def test_perf_buffer_transport(forkchain_bin, backend) -> None:
+    run = run_family(forkchain_bin, backend, 2, 2, transport="perf")
+    assert run.transport == "perf"
+    assert sum(run.lost.values()) == 0, run.lost
+    for g in (1, 2):
+        forks = run.region_events(Kind.ANON_VMA_FORK, g)
+        assert sorted(e.depth for e in forks) == [g + 1, g + 1]

@@ -1,0 +1,69 @@
+"""Compare what the events say with what the kernel holds, read by drgn.
+
+drgn needs a DWARF vmlinux (scripts/fetch-dbg-vmlinux.sh fetches Debian's
+for the 6.12 kernel); the comparison runs wherever one exists for the
+running kernel, which in CI is the Debian 6.12 guest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.family import FamilyRun, run_family
+from tracer.bpf_session import TraceSession
+from tracer.events import Kind
+
+ROOT = Path(__file__).resolve().parents[2]
+VMLINUX = Path("/var/cache/anontrace") / f"vmlinux-{os.uname().release}"
+REGIONS = 3
+GENERATIONS = 3
+
+
+def _drgn(run: FamilyRun, _session: TraceSession) -> None:
+    pids = [str(run.gens[g].pid) for g in sorted(run.gens)]
+    args = [sys.executable, str(ROOT / "tests" / "guest" / "drgn_walk.py"),
+            "--vmlinux", str(VMLINUX), "--json"]
+    for pid in pids:
+        args += ["--pid", pid]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True)
+    run.while_alive["drgn"] = json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def walked(forkchain_bin, backend) -> FamilyRun:
+    if not VMLINUX.exists():
+        pytest.skip(f"no DWARF vmlinux for {os.uname().release} at {VMLINUX}: drgn ground "
+                    "truth runs in the Debian 6.12 guest (scripts/fetch-dbg-vmlinux.sh)")
+    return run_family(forkchain_bin, backend, REGIONS, GENERATIONS, while_alive=_drgn)
+
+
+def test_depth_and_chain_match_drgn(walked: FamilyRun) -> None:
+    truth = {p["pid"]: p for p in walked.while_alive["drgn"]["pids"]}
+    compared = 0
+    for g in range(1, GENERATIONS + 1):
+        gen = walked.gens[g]
+        kernel = {int(v["vm_start"], 16): v for v in truth[gen.pid]["vmas"]}
+        for ev in walked.region_events(Kind.ANON_VMA_FORK, g):
+            k = kernel[ev.vm_start]
+            assert int(k["anon_vma"], 16) == ev.anon_vma
+            assert int(k["parent"], 16) == ev.parent
+            assert int(k["root"], 16) == ev.root
+            assert k["depth"] == ev.depth == g + 1
+            assert k["chain_len"] == ev.chain_len == g + 1
+            compared += 1
+    assert compared == REGIONS * GENERATIONS
+
+
+def test_drgn_sees_generation_zero_roots(walked: FamilyRun) -> None:
+    truth = {p["pid"]: p for p in walked.while_alive["drgn"]["pids"]}
+    g0 = walked.gens[0]
+    kernel = {int(v["vm_start"], 16): v for v in truth[g0.pid]["vmas"]}
+    roots = {e.vm_start: e.root for e in walked.region_events(Kind.ANON_VMA_FORK, 1)}
+    for start in g0.regions:
+        assert kernel[start]["depth"] == 1
+        assert int(kernel[start]["anon_vma"], 16) == roots[start]

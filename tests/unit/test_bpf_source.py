@@ -1,0 +1,150 @@
+"""tracer.bpf_source.cflags: the -D flags each backend compiles with."""
+from __future__ import annotations
+
+import pytest
+
+from tests.unit import kfix
+from tests.unit.test_probes import _three_arg_clone
+from tracer.bpf_source import MAIN_PROGRAM, BuildOptions, cflags
+from tracer.layout import read_layout
+from tracer.probes import plan_backend
+
+
+def defines(series: str, backend: str, opts: BuildOptions | None = None,
+            kprobes: bool = True, btf=None) -> dict[str, str | None]:
+    b = btf or kfix.btf(series)
+    plan = plan_backend(backend, kfix.kallsyms(series), b, kprobes)
+    flags = cflags(plan, read_layout(b), opts or BuildOptions())
+    out: dict[str, str | None] = {}
+    for f in flags:
+        assert f.startswith("-D"), f
+        k, sep, v = f[2:].partition("=")
+        assert k not in out, f"{k} defined twice"
+        out[k] = v if sep else None
+    return out
+
+
+@pytest.mark.parametrize("series", kfix.SERIES)
+def test_tracepoint_defines(series: str) -> None:
+    d = defines(series, "tracepoint")
+    assert "DERIVE_FROM_KMEM" in d and d["DERIVE_FROM_KMEM"] is None
+    assert (d["FORK_METHOD"], d["CLONE_METHOD"], d["UNLINK_METHOD"]) == ("3", "3", "3")
+    assert d["RMAP_METHOD"] == "0"
+    assert not any(k.startswith("RMAP_") and k != "RMAP_METHOD" for k in d)
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+@pytest.mark.parametrize("backend,code", [("fentry", "1"), ("kprobe", "2")])
+def test_function_backend_defines(series: str, backend: str, code: str) -> None:
+    d = defines(series, backend)
+    assert "DERIVE_FROM_KMEM" not in d
+    for m in ("FORK_METHOD", "CLONE_METHOD", "UNLINK_METHOD", "RMAP_METHOD"):
+        assert d[m] == code, m
+    assert d["CLONE_NARGS"] == "2"
+
+
+@pytest.mark.parametrize("series,func", [("6.1", "__page_set_anon_rmap"),
+                                         ("6.12", "folio_add_new_anon_rmap")])
+def test_rmap_fentry_args_shape(series: str, func: str) -> None:
+    d = defines(series, "fentry")
+    assert d["RMAP_FUNC"] == func
+    # four u64 arguments: (page|folio, vma, address, exclusive|flags)
+    assert d["RMAP_FENTRY_ARGS"] == "u64 a0, u64 a1, u64 a2, u64 a3"
+    assert (d["RMAP_PAGE"], d["RMAP_VMA"], d["RMAP_ADDR"]) == ("a0", "a1", "a2")
+    assert (d["RMAP_PAGE_IDX"], d["RMAP_VMA_IDX"], d["RMAP_ADDR_IDX"]) == ("0", "1", "2")
+
+
+def test_kprobe_unavailable_zero_methods() -> None:
+    d = defines("6.18", "kprobe", kprobes=False)
+    for m in ("FORK_METHOD", "CLONE_METHOD", "UNLINK_METHOD", "RMAP_METHOD"):
+        assert d[m] == "0"
+    assert "RMAP_FUNC" not in d
+
+
+def test_offsets_and_sites_from_the_kernel() -> None:
+    d = defines("6.18", "tracepoint")
+    assert d["OFF_AV_PARENT"] == "72"
+    assert d["OFF_AV_NUM_CHILDREN"] == "56" and d["OFF_AV_NUM_ACTIVE_VMAS"] == "64"
+    ks = kfix.kallsyms("6.18")
+    fork = ks.get("anon_vma_fork")
+    assert d["SITE_FORK_START"] == f"{fork.start:#x}ULL"
+    assert d["SITE_FORK_END"] == f"{fork.end:#x}ULL"
+    for key in ("FORK", "CLONE", "PREPARE", "UNLINK", "PUT"):
+        assert int(d[f"SITE_{key}_START"][:-3], 16) < int(d[f"SITE_{key}_END"][:-3], 16)
+    # no out-of-line anon_vma_alloc & co. on these kernels
+    assert "SITE_OTHER_START" not in d
+
+
+def test_other_site_when_out_of_line_helper_exists() -> None:
+    text = kfix.kallsyms_text("6.18") + ("ffffffff81700000 t anon_vma_chain_alloc\n"
+                                         "ffffffff81700080 t next_one\n")
+    from tracer.kernel_env import Kallsyms
+    plan = plan_backend("tracepoint", Kallsyms(text), kfix.btf("6.18"), False)
+    flags = cflags(plan, read_layout(kfix.btf("6.18")), BuildOptions())
+    assert "-DSITE_OTHER_START=0xffffffff81700000ULL" in flags
+    assert "-DSITE_OTHER_END=0xffffffff81700080ULL" in flags
+
+
+def test_missing_site_gets_empty_range() -> None:
+    from tracer.kernel_env import Kallsyms
+    text = "\n".join(ln for ln in kfix.kallsyms_text("6.18").splitlines()
+                     if not ln.endswith(" __put_anon_vma"))
+    plan = plan_backend("tracepoint", Kallsyms(text), kfix.btf("6.18"), False)
+    flags = cflags(plan, read_layout(kfix.btf("6.18")), BuildOptions())
+    assert "-DSITE_PUT_START=1ULL" in flags and "-DSITE_PUT_END=0ULL" in flags
+
+
+@pytest.mark.parametrize("pids,follow,want_filter,want_follow", [
+    (False, True, False, False),
+    (True, True, True, True),
+    (True, False, True, False),
+    (False, False, False, False),
+])
+def test_filter_defines(pids: bool, follow: bool, want_filter: bool, want_follow: bool) -> None:
+    d = defines("6.1", "kprobe", BuildOptions(filter_pids=pids, follow_children=follow))
+    assert ("FILTER_ENABLED" in d) is want_filter
+    assert ("FOLLOW_CHILDREN" in d) is want_follow
+    assert d["FILTER_MAX"] == "65536"
+
+
+def test_transport_and_sizes() -> None:
+    d = defines("6.18", "tracepoint", BuildOptions(ringbuf=True, ringbuf_pages=64,
+                                                   av_slab_size=104, avc_slab_size=64,
+                                                   kmem_free_has_name=True, max_depth=7,
+                                                   max_chain=9))
+    assert "USE_RINGBUF" in d and d["RINGBUF_PAGES"] == "64"
+    assert (d["AV_SLAB_SIZE"], d["AVC_SLAB_SIZE"]) == ("104", "64")
+    assert "KMEM_FREE_HAS_NAME" in d
+    assert (d["MAX_DEPTH"], d["MAX_CHAIN"]) == ("7", "9")
+    perf = defines("6.18", "tracepoint", BuildOptions(ringbuf=False))
+    assert "USE_RINGBUF" not in perf and "RINGBUF_PAGES" not in perf
+    assert "KMEM_FREE_HAS_NAME" not in perf
+
+
+def test_degree_layout_adds_define() -> None:
+    from tests.unit.test_btf_layout import _degree_era
+    from tracer.btf import Btf
+    b = Btf(_degree_era("6.18"))
+    d = defines("6.18", "tracepoint", btf=b)
+    assert "AV_HAS_DEGREE" in d and d["OFF_AV_DEGREE"] == "56"
+
+
+def test_three_arg_clone_define() -> None:
+    d = defines("6.18", "fentry", btf=_three_arg_clone("6.18"))
+    assert d["CLONE_NARGS"] == "3"
+
+
+def test_flags_are_sorted_and_program_exists() -> None:
+    flags = cflags(plan_backend("tracepoint", kfix.kallsyms("6.18"), kfix.btf("6.18"), False),
+                   read_layout(kfix.btf("6.18")), BuildOptions())
+    names = [f[2:].split("=")[0] for f in flags]
+    assert names == sorted(names)
+    assert MAIN_PROGRAM.is_file()
+    src = MAIN_PROGRAM.read_text()
+    # every OFF_/SZ_/SITE_ macro the program uses is defined, except the
+    # optional ones it guards with #ifdef
+    import re
+    used = set(re.findall(r"\b(?:OFF|SITE|SZ)_[A-Z_]+\b", src))
+    optional = {"OFF_AV_DEGREE", "SZ_AV_DEGREE", "SITE_OTHER_START", "SITE_OTHER_END"}
+    assert "OFF_AV_PARENT" in used
+    assert used - optional <= set(names), sorted(used - optional - set(names))

@@ -1,0 +1,142 @@
+"""tracer.events: the wire format and the JSON form of events."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.unit import kfix
+from tracer.event_view import format_event, header
+from tracer.events import (F_REUSED, WIRE, Event, Kind, Site, decode, event_from_dict)
+
+U64 = st.integers(0, 2**64 - 1)
+U32 = st.integers(0, 2**32 - 1)
+
+
+def pack(**kw) -> bytes:
+    """A record laid out like struct event in bpf_programs/anontrace.bpf.c,
+    packed field by field (independently of WIRE)."""
+    q = [kw.get(k, 0) for k in ("ts", "mm", "cur_mm", "vma", "vm_start", "vm_end", "anon_vma",
+                                "parent", "root", "aux", "aux2", "num_children",
+                                "num_active_vmas")]
+    head = struct.pack("<13Q", *q)
+    mid = struct.pack("<5I", kw.get("kind", 1), kw.get("tgid", 0), kw.get("tid", 0),
+                      kw.get("depth", 0), kw.get("chain_len", 0))
+    ret = struct.pack("<i", kw.get("ret", 0))
+    tail = struct.pack("<4I", kw.get("pid2", 0), kw.get("tid2", 0), kw.get("site", 0),
+                       kw.get("flags", 0))
+    comm = kw.get("comm", b"").ljust(16, b"\0")
+    return head + mid + ret + tail + comm
+
+
+def test_wire_size_matches_c_struct() -> None:
+    # 13 u64, 5 u32, s32, 4 u32, char[16]: 160 bytes, no padding
+    assert WIRE.size == 13 * 8 + 5 * 4 + 4 + 4 * 4 + 16 == 160
+    assert len(pack()) == WIRE.size
+
+
+def test_decode_every_field() -> None:
+    raw = pack(ts=1, mm=0xffff888100073200, cur_mm=0xffff888100073e80, vma=4, vm_start=5,
+               vm_end=6, anon_vma=7, parent=8, root=9, aux=10, aux2=11, num_children=12,
+               num_active_vmas=13, kind=2, tgid=14, tid=15, depth=16, chain_len=17, ret=-12,
+               pid2=18, tid2=19, site=5, flags=F_REUSED, comm=b"forkchain")
+    ev = decode(raw)
+    assert ev == Event(1, 0xffff888100073200, 0xffff888100073e80, 4, 5, 6, 7, 8, 9, 10, 11,
+                       12, 13, Kind.ANON_VMA_CLONE, 14, 15, 16, 17, -12, 18, 19, Site.PUT,
+                       F_REUSED, "forkchain")
+    assert ev.probe == "anon_vma_clone"
+    assert decode(memoryview(raw)) == ev
+
+
+def test_decode_accepts_trailing_padding() -> None:
+    # ring buffer records are rounded up to 8 bytes; perf adds a u32 size
+    assert decode(pack(kind=9, comm=b"x") + b"\xff" * 8).comm == "x"
+
+
+def test_comm_stops_at_nul_and_tolerates_bad_utf8() -> None:
+    assert decode(pack(comm=b"ab\0garbage")).comm == "ab"
+    assert decode(pack(comm=b"\xff\xfeok")).comm == "\ufffd\ufffdok"
+    assert decode(pack(comm=b"a" * 16)).comm == "a" * 16
+
+
+@pytest.mark.parametrize("n", [0, 1, WIRE.size - 1])
+def test_short_record(n: int) -> None:
+    with pytest.raises(ValueError, match=f"event record of {n} bytes, expected 160"):
+        decode(pack()[:n])
+
+
+@pytest.mark.parametrize("kw", [{"kind": 0}, {"kind": 12}, {"kind": 2**32 - 1},
+                                {"site": 7}])
+def test_unknown_kind_or_site(kw: dict) -> None:
+    with pytest.raises(ValueError, match="unknown event kind or site"):
+        decode(pack(**kw))
+
+
+@given(ts=U64, mm=U64, anon_vma=U64, kind=st.sampled_from(list(Kind)),
+       site=st.sampled_from(list(Site)), tgid=U32, ret=st.integers(-2**31, 2**31 - 1),
+       flags=U32, comm=st.binary(max_size=15).filter(lambda b: b"\0" not in b))
+def test_decode_roundtrip_property(ts, mm, anon_vma, kind, site, tgid, ret, flags, comm) -> None:
+    ev = decode(pack(ts=ts, mm=mm, anon_vma=anon_vma, kind=int(kind), site=int(site),
+                     tgid=tgid, ret=ret, flags=flags, comm=comm))
+    assert (ev.ts, ev.mm, ev.anon_vma, ev.kind, ev.site, ev.tgid, ev.ret, ev.flags) == (
+        ts, mm, anon_vma, kind, site, tgid, ret, flags)
+    assert ev.comm == comm.decode("utf-8", "replace")
+    assert event_from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
+
+
+def test_to_dict_shape() -> None:
+    ev = decode(pack(mm=0xffff888100073200, kind=5, site=1, comm=b"c"))
+    d = ev.to_dict()
+    assert d["kind"] == "av_alloc" and d["site"] == "fork"
+    assert d["mm"] == "0xffff888100073200" and d["vma"] == "0x0"
+    assert d["ts"] == 0 and isinstance(d["depth"], int)
+    assert set(d) == set(Event.__slots__)
+
+
+@pytest.mark.parametrize("series,backend", [("6.18", "tracepoint"), ("6.1", "fentry"),
+                                            ("6.1", "kprobe"), ("6.12", "fentry"),
+                                            ("6.12", "kprobe")])
+def test_recorded_streams_roundtrip(series: str, backend: str) -> None:
+    dicts = kfix.event_dicts(series, backend)
+    assert len(dicts) > 20
+    for d in dicts:
+        ev = event_from_dict(d)
+        assert ev.to_dict() == d
+    kinds = {d["kind"] for d in dicts}
+    assert {"anon_vma_fork", "anon_vma_clone", "unlink_anon_vmas", "proc_fork"} <= kinds
+
+
+def test_event_from_dict_accepts_ints_for_pointers() -> None:
+    d = decode(pack(mm=0x10, kind=1)).to_dict()
+    d["mm"] = 16
+    assert event_from_dict(d).mm == 16
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("kind"),
+    lambda d: d.update(kind="nope"),
+    lambda d: d.update(site="elsewhere"),
+    lambda d: d.update(mm="0xzz"),
+    lambda d: d.update(mm=None),
+    lambda d: d.update(extra=1),
+    lambda d: d.pop("comm"),
+])
+def test_event_from_dict_errors(mutate) -> None:
+    d = decode(pack(kind=1)).to_dict()
+    mutate(d)
+    with pytest.raises(ValueError, match="not an anontrace event"):
+        event_from_dict(d)
+
+
+def test_event_view_sanitises_comm() -> None:
+    ev = decode(pack(kind=1, vm_start=0x7f00, depth=3, chain_len=3, flags=F_REUSED,
+                     comm=b"\x1b[2Jevil"))
+    line = format_event(ev)
+    assert "\x1b" not in line and "?[2Jevil" in line
+    assert " fork* " in line and "7f00" in line
+    assert "PID" in header()
+    fork = format_event(decode(pack(kind=9, pid2=4242, comm=b"p")))
+    assert "proc-fork" in fork and "child=4242" in fork
