@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -138,7 +137,8 @@ class TraceSession:
         self.attempts: list[Attempt] = []
         self.transport = ""
         self._bpf: Any = None
-        self._queue: deque[Event] = deque()
+        self._raw: list[bytes] = []
+        self.recorder: Callable[[bytes], None] | None = None
         self._decode_errors = 0
         self._perf_lost = 0
         self._deriver: Deriver | None = None
@@ -271,10 +271,7 @@ class TraceSession:
 
     def _open_buffer(self, ringbuf: bool) -> None:
         def on_event(_ctx: Any, data: Any, size: int) -> None:
-            try:
-                self._queue.append(decode(ctypes.string_at(data, size)))
-            except ValueError:
-                self._decode_errors += 1
+            self._raw.append(ctypes.string_at(data, size))
 
         def on_lost(count: int) -> None:
             self._perf_lost += count
@@ -294,7 +291,8 @@ class TraceSession:
         """Wait up to ``timeout_ms`` for events; return all decoded so far.
 
         On the tracepoint backend the logical events rebuilt from kmem
-        events are interleaved with the raw ones.
+        events are interleaved with the raw ones. The raw records go to
+        :attr:`recorder` first, if set.
         """
         if self._bpf is None:
             raise AnontraceError("trace session is not open")
@@ -302,8 +300,17 @@ class TraceSession:
             self._bpf.ring_buffer_poll(timeout_ms)
         else:
             self._bpf.perf_buffer_poll(timeout_ms)
-        out = list(self._queue)
-        self._queue.clear()
+        raw, self._raw = self._raw, []
+        if not raw:
+            return []
+        if self.recorder is not None:
+            self.recorder(b"".join(raw))
+        out: list[Event] = []
+        for rec in raw:
+            try:
+                out.append(decode(rec))
+            except ValueError:
+                self._decode_errors += 1
         if self._deriver is not None:
             out = self._deriver.feed(out)
         return out

@@ -5,13 +5,27 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from tracer import __version__
 from tracer.errors import AnontraceError
 from tracer.kernel_env import KernelEnv
+
+COMMAND_KEY = "anontrace.command"
+
+
+class _Group(click.Group):
+    """A group that also takes `-- COMMAND [ARGS...]` (for itself or `record`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta[COMMAND_KEY] = tuple(args[i + 1:])
+            args = args[:i]
+        return super().parse_args(ctx, args)
 
 
 def _sigterm_to_interrupt() -> None:
@@ -22,16 +36,89 @@ def _sigterm_to_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _emitter(as_json: bool) -> Callable[[dict[str, Any]], None]:
+    from tracer.report import format_table
+
+    def emit(report: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(report))
+        else:
+            click.echo(format_table(report) + "\n")
+        sys.stdout.flush()
+
+    return emit
+
+
+def _trace_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("-p", "--pid", "pids", type=int, multiple=True,
+                     help="Trace this process and its descendants (repeatable)."),
+        click.option("--no-children", is_flag=True, help="Do not follow forked children."),
+        click.option("-i", "--interval", type=float, default=1.0, show_default=True,
+                     help="Seconds between reports."),
+        click.option("-d", "--duration", type=float, default=0.0,
+                     help="Stop after this many seconds (default: when all traced "
+                          "processes have exited, or Ctrl-C)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="One JSON object per report; the last has \"final\": true."),
+        click.option("--backend", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+                     default="auto", show_default=True, help="Force a probe method."),
+        click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]),
+                     default="auto", show_default=True, help="Kernel-to-user event transport."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval: float,
+         duration: float, as_json: bool, backend: str, transport: str,
+         record: Path | None = None, quiet: bool = False) -> None:
+    from tracer.runner import RunSpec, run_live
+
+    command = ctx.meta.get(COMMAND_KEY, ())
+    if pids and command:
+        raise click.UsageError("give either -p PID or -- COMMAND, not both")
+    if not pids and not command:
+        raise click.UsageError("nothing to trace: give -p PID or -- COMMAND")
+    _sigterm_to_interrupt()
+    verb = "Recording" if record else "Tracing"
+    spec = RunSpec(pids=pids, command=command, follow_children=not no_children,
+                   interval=interval, duration=duration, backend=backend, transport=transport,
+                   record=record,
+                   on_start=lambda b: click.echo(f"{verb} with {b}... Hit Ctrl-C to end.",
+                                                 err=True))
+    emit = (lambda report: None) if quiet else _emitter(as_json)
+    try:
+        status = run_live(spec, emit)
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if record:
+        click.echo(f"recorded to {record}", err=True)
+    sys.exit(status)
+
+
+@click.group(cls=_Group, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@_trace_options
 @click.version_option(__version__, prog_name="anontrace")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval: float,
+         duration: float, as_json: bool, backend: str, transport: str) -> None:
     """Trace the kernel's anon_vma lifecycle with eBPF.
+
+    Without a subcommand, trace -p PIDs (and their descendants) or run
+    COMMAND traced from its first instruction, printing a report of each
+    process's anon_vmas every interval and a final one at the end.
 
     \b
     Examples:
-      anontrace check              # what this kernel allows
-      anontrace events -p 1234     # stream events of PID 1234 and its children
+      anontrace -p 1234 -i 5            # report PID 1234's family every 5 s
+      anontrace --json -- make -j8      # trace a command; exit with its status
+      anontrace check                   # what this kernel allows
+      anontrace record -o run.atr -- ./app && anontrace replay run.atr
     """
+    if ctx.invoked_subcommand is None:
+        _run(ctx, pids, no_children, interval, duration, as_json, backend, transport)
 
 
 @main.command()
@@ -105,6 +192,46 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
             lost = session.lost()
             if any(lost.values()):
                 click.echo(f"lost events: {lost}", err=True)
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Recording file to write.")
+@_trace_options
+@click.option("-q", "--quiet", is_flag=True, help="Do not print reports while recording.")
+@click.pass_context
+def record(ctx: click.Context, output: Path, pids: tuple[int, ...], no_children: bool,
+           interval: float, duration: float, as_json: bool, backend: str, transport: str,
+           quiet: bool) -> None:
+    """Trace like `anontrace` and save the raw events for `replay`.
+
+    \b
+    Examples:
+      sudo anontrace record -o build.atr -- make -j8
+      sudo anontrace record -o app.atr -p 1234 -d 60
+    """
+    _run(ctx.parent or ctx, pids, no_children, interval, duration, as_json, backend,
+         transport, record=output, quiet=quiet)
+
+
+@main.command()
+@click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per report.")
+def replay(recording: Path, as_json: bool) -> None:
+    """Print the reports of a recording, as the live run printed them.
+
+    Needs neither root nor BCC.
+
+    \b
+    Example:
+      anontrace replay build.atr --json
+    """
+    from tracer.runner import run_replay
+
+    try:
+        run_replay(recording, _emitter(as_json))
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
 

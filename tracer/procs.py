@@ -11,3 +11,23 @@ def require_pids(pids: tuple[int, ...], proc: Path = Path("/proc")) -> None:
     missing = [p for p in pids if p <= 0 or not (proc / str(p)).is_dir()]
     if missing:
         raise AnontraceError("no such process: " + ", ".join(map(str, missing)))
+
+
+def proc_comm(pid: int, proc: Path = Path("/proc")) -> str:
+    """A process's comm, '' if it is gone."""
+    try:
+        return (proc / str(pid) / "comm").read_text().rstrip("\n")
+    except OSError:
+        return ""
+
+
+def proc_ppid(pid: int, proc: Path = Path("/proc")) -> int:
+    """A process's parent pid from /proc/PID/stat, 0 if unknown.
+
+    The comm field may hold spaces and parentheses, so parse after the last ')'.
+    """
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,83 @@
+"""Interval reports: the JSON object and the terminal table, read from the model."""
+from __future__ import annotations
+
+import textwrap
+import time as _time
+from typing import Any
+
+from tracer.model import Model, Process
+
+
+def build_report(model: Model, *, when: float, backend: str, lost_events: int,
+                 exited: list[Process], final: bool) -> dict[str, Any]:
+    """One report: every traced process alive now or exited since the last
+    one; the final report covers every process of the whole run."""
+    gone = model.retired if final else exited
+    procs = sorted(list(model.processes.values()) + gone, key=lambda p: (p.pid, p.alive))
+    rows = []
+    for p in procs:
+        f = model.figures(p)
+        rows.append({
+            "pid": p.pid, "ppid": p.ppid, "comm": p.comm, "alive": p.alive,
+            "anon_vmas": f.anon_vmas, "anon_vma_chains": f.anon_vma_chains,
+            "max_depth": f.max_depth, "max_degree": f.max_degree, "max_chain": f.max_chain,
+            "events": f.events,
+        })
+    return {
+        "time": round(when, 6),
+        "backend": backend,
+        "lost_events": lost_events,
+        "partial": model.partial,
+        "partial_reasons": model.partial_reasons,
+        "processes": rows,
+        "totals": model.totals(),
+        "final": final,
+    }
+
+
+def _safe(text: str) -> str:
+    # Process names are untrusted: no control characters reach the terminal.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _tree_order(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    by_pid = {r["pid"]: r for r in rows}
+    children: dict[int, list[dict[str, Any]]] = {}
+    roots = []
+    for r in rows:
+        if r["ppid"] in by_pid and r["ppid"] != r["pid"]:
+            children.setdefault(r["ppid"], []).append(r)
+        else:
+            roots.append(r)
+    out: list[tuple[int, dict[str, Any]]] = []
+    stack = [(0, r) for r in reversed(roots)]
+    seen: set[int] = set()
+    while stack:
+        level, r = stack.pop()
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        out.append((level, r))
+        stack.extend((level + 1, c) for c in reversed(children.get(r["pid"], [])))
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a table under 80 columns, processes as a tree."""
+    stamp = _time.strftime("%H:%M:%S", _time.localtime(report["time"]))
+    t = report["totals"]
+    lines = [f"{stamp} {'FINAL ' if report['final'] else ''}backend={report['backend']} "
+             f"lost={report['lost_events']} partial={'yes' if report['partial'] else 'no'}",
+             f"totals: anon_vmas={t['anon_vmas']} anon_vma_chains={t['anon_vma_chains']} "
+             f"orphaned_anon_vmas={t['orphaned_anon_vmas']}",
+             f"{'PID':>7} {'PPID':>7} {'COMM':<22} {'ALIVE':<5} {'AVS':>5} {'CHAINS':>6} "
+             f"{'DEPTH':>5} {'DEGREE':>6} {'CHAIN':>5}"]
+    for level, r in _tree_order(report["processes"]):
+        indent = min(level, 8)
+        comm = (" " * indent + ("`-" if level else "") + _safe(r["comm"]))[:22]
+        lines.append(f"{r['pid']:>7} {r['ppid']:>7} {comm:<22} {'yes' if r['alive'] else 'no':<5} "
+                     f"{r['anon_vmas']:>5} {r['anon_vma_chains']:>6} {r['max_depth']:>5} "
+                     f"{r['max_degree']:>6} {r['max_chain']:>5}")
+    for reason in report.get("partial_reasons", []):
+        lines.extend(textwrap.wrap(f"partial: {reason}", 79, subsequent_indent="  "))
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Ad-hoc tracing runs: live (-p PID, -- COMMAND), recorded, and replayed.
+
+Live runs and replays share :class:`Tracker`, so a replay of a recording
+makes the same reports as the run that recorded it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tracer.derive import Deriver
+from tracer.errors import AnontraceError
+from tracer.events import Event
+from tracer.model import Model
+from tracer.procs import proc_comm, proc_ppid, require_pids
+from tracer.recording import END, EVENTS, TICK, RecordingError, RecordingReader, RecordingWriter
+from tracer.report import build_report
+
+Emit = Callable[[dict[str, Any]], None]
+
+# After the last traced process exits, wait this long without events for its
+# mm teardown (frees come after the exit event on kernels before v6.16).
+SETTLE_SECONDS = 0.5
+
+
+@dataclass
+class RunSpec:
+    """What a live run traces and how it reports."""
+
+    pids: tuple[int, ...] = ()
+    command: tuple[str, ...] = ()
+    follow_children: bool = True
+    interval: float = 1.0
+    duration: float = 0.0
+    backend: str = "auto"
+    transport: str = "auto"
+    record: Path | None = None
+    on_start: Callable[[str], None] = field(default=lambda msg: None)
+
+
+class Tracker:
+    """The model plus report pacing, fed with decoded (derived) events."""
+
+    def __init__(self, backend: str, processes: list[dict[str, Any]]) -> None:
+        self.backend = backend
+        self.model = Model()
+        for p in processes:
+            self.model.add_process(p["pid"], p["comm"], p.get("ppid", 0),
+                                   preexisting=p.get("preexisting", False))
+
+    def feed(self, events: list[Event]) -> None:
+        apply = self.model.apply
+        for ev in events:
+            apply(ev)
+
+    def report(self, when: float, lost: int, final: bool) -> dict[str, Any]:
+        self.model.note_lost(lost)
+        rep = build_report(self.model, when=when, backend=self.backend, lost_events=lost,
+                           exited=self.model.take_exited(), final=final)
+        self.model.forget_mm_if_dead()
+        return rep
+
+    @property
+    def traced_alive(self) -> int:
+        return len(self.model.processes)
+
+
+def _start_paused(command: tuple[str, ...]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start COMMAND stopped before its first instruction.
+
+    A shell waits on a pipe, then execs COMMAND in place (same pid), so the
+    tracer can filter on the pid before anything runs. If the tracer fails
+    and closes the pipe, the shell exits 125 instead of running untraced.
+    """
+    if shutil.which(command[0]) is None:
+        raise AnontraceError(f"command not found: {command[0]}")
+    r, w = os.pipe()
+    proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _ <&3 || exit 125; exec 3<&-; exec "$@"', "sh",
+                             *command], pass_fds=(r,))
+    os.close(r)
+    return proc, w
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> int:
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
+
+
+def run_live(spec: RunSpec, emit: Emit) -> int:
+    """Trace until the traced processes are gone, -d ends, or Ctrl-C.
+
+    Returns COMMAND's exit status (0 with -p).
+    """
+    from tracer.bpf_session import TraceOptions, TraceSession, require_root
+
+    if bool(spec.pids) == bool(spec.command):
+        raise AnontraceError("nothing to trace: give -p PID or -- COMMAND (see --help)")
+    require_root()
+    proc = go_fd = None
+    if spec.command:
+        proc, go_fd = _start_paused(spec.command)
+        processes = [{"pid": proc.pid, "comm": os.path.basename(spec.command[0])[:15],
+                      "ppid": os.getpid(), "preexisting": False}]
+        pids: tuple[int, ...] = (proc.pid,)
+    else:
+        require_pids(spec.pids)
+        processes = [{"pid": p, "comm": proc_comm(p), "ppid": proc_ppid(p),
+                      "preexisting": True} for p in spec.pids]
+        pids = spec.pids
+    writer = None
+    try:
+        opts = TraceOptions(backend=spec.backend, pids=pids,
+                            follow_children=spec.follow_children, transport=spec.transport)
+        with TraceSession(opts) as session:
+            assert session.plan is not None
+            backend = session.plan.backend
+            tracker = Tracker(backend, processes)
+            if spec.record is not None:
+                writer = RecordingWriter(spec.record, {
+                    "kernel": os.uname().release, "backend": backend,
+                    "transport": session.transport, "processes": processes,
+                    "command": list(spec.command), "pids": list(spec.pids),
+                    "probes": {p: {"function": c.function, "method": c.method}
+                               for p, c in session.plan.probes.items()},
+                    "offsets": session.facts.layout.offsets if session.facts and
+                    session.facts.layout else {}})
+                session.recorder = writer.events
+            spec.on_start(backend)
+            if go_fd is not None:
+                os.write(go_fd, b"go\n")
+                os.close(go_fd)
+                go_fd = None
+            status = _loop(spec, session, tracker, proc, emit, writer)
+    finally:
+        if go_fd is not None:
+            os.close(go_fd)
+        if writer is not None:
+            writer.close()
+    return status
+
+
+def _loop(spec: RunSpec, session: Any, tracker: Tracker,
+          proc: subprocess.Popen[bytes] | None, emit: Emit,
+          writer: RecordingWriter | None) -> int:
+    start = time.monotonic()
+    next_report = start + spec.interval if spec.interval > 0 else float("inf")
+    quiet_since: float | None = None
+    try:
+        while True:
+            events = session.poll(100)
+            tracker.feed(events)
+            now = time.monotonic()
+            if now >= next_report:
+                _tick(tracker, session, emit, writer, final=False)
+                next_report += spec.interval * max(1, int((now - next_report) / spec.interval) + 1)
+            if spec.duration and now - start >= spec.duration:
+                break
+            done = tracker.traced_alive == 0 and (proc is None or proc.poll() is not None)
+            if done:
+                if events or quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= SETTLE_SECONDS:
+                    break
+            else:
+                quiet_since = None
+    except KeyboardInterrupt:
+        pass
+    tracker.feed(session.drain())
+    status = _exit_status(proc) if proc is not None and proc.poll() is not None else 0
+    _tick(tracker, session, emit, writer, final=True, exit_status=status)
+    return status
+
+
+def _tick(tracker: Tracker, session: Any, emit: Emit, writer: RecordingWriter | None,
+          final: bool, exit_status: int = 0) -> None:
+    when = time.time()
+    lost = session.lost()
+    total = sum(lost.values())
+    if writer is not None:
+        meta = {"time": when, "lost": lost}
+        if final:
+            writer.end({**meta, "exit_status": exit_status})
+        else:
+            writer.tick(meta)
+    emit(tracker.report(when, total, final))
+
+
+def run_replay(path: Path, emit: Emit) -> int:
+    """Replay a recording's reports. Raises AnontraceError (naming the byte
+    offset) for a corrupt or truncated file after reporting all before it."""
+    try:
+        reader = RecordingReader(path)
+    except RecordingError as exc:
+        raise AnontraceError(str(exc)) from exc
+    header = reader.header
+    backend = str(header.get("backend", "unknown"))
+    tracker = Tracker(backend, list(header.get("processes", [])))
+    deriver = Deriver() if backend == "tracepoint" else None
+    last_time, last_lost = 0.0, 0
+    try:
+        for frame in reader.frames():
+            if frame.kind == EVENTS:
+                events = frame.events or []
+                tracker.feed(deriver.feed(events) if deriver else events)
+                continue
+            meta = frame.meta or {}
+            last_time = float(meta.get("time", last_time))
+            last_lost = sum(int(v) for v in meta.get("lost", {}).values())
+            if frame.kind == TICK:
+                emit(tracker.report(last_time, last_lost, final=False))
+            elif frame.kind == END:
+                if deriver:
+                    tracker.feed(deriver.flush())
+                emit(tracker.report(last_time, last_lost, final=True))
+                return int(meta.get("exit_status", 0))
+    except RecordingError as exc:
+        tracker.model.add_reason(f"recording unreadable from byte offset {exc.offset}")
+        emit(tracker.report(last_time, last_lost, final=True))
+        raise AnontraceError(str(exc)) from exc
+    # No END frame: the recording run was killed. Report what there is.
+    if deriver:
+        tracker.feed(deriver.flush())
+    tracker.model.add_reason("recording has no end marker (the run was killed)")
+    emit(tracker.report(last_time, last_lost, final=True))
+    raise AnontraceError(f"{path}: recording ends without an end marker (truncated?)")
