@@ -85,11 +85,15 @@ class Btf:
         Used to record small fixtures from real kernels.
         """
         keep: dict[int, dict[str, Any]] = {}
+        # Shallowest depth each type was reached at: a type first met deep in
+        # the graph must still be explored when met again closer to a root.
+        seen: dict[int, int] = {}
 
         def visit(tid: int, depth: int) -> None:
             t = self._by_id.get(tid)
-            if t is None or tid in keep:
+            if t is None or seen.get(tid, 1 << 30) <= depth:
                 return
+            seen[tid] = depth
             keep[tid] = t
             if depth > 3:
                 return

@@ -62,6 +62,10 @@ class Deriver:
         if ev.kind is Kind.AVC_FREE and ev.site is Site.UNLINK:
             if g is not None and g.kind is Kind.UNLINK_ANON_VMAS and g.last.vma == ev.vma:
                 g.count += 1
+                # unlink_anon_vmas() clears vma->anon_vma midway: keep the
+                # facts of the free that still saw it.
+                if ev.depth > g.last.depth:
+                    g.last = ev
             else:
                 self._close(tid, ev, out)
                 self._groups[tid] = _Group(Kind.UNLINK_ANON_VMAS, ev, 1)

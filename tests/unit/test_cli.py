@@ -1,0 +1,129 @@
+"""The click commands, without loading BPF (help, errors before any probe)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tracer.cli import main
+from tracer.errors import AnontraceError
+from tracer.procs import require_pids
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line_error(result, needle: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # click's clean exit, not a crash
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and needle in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def examples(help_text: str) -> list[str]:
+    """The example command lines under an "Example(s):" heading."""
+    lines = help_text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() in ("Example:", "Examples:"))
+    out = []
+    for ln in lines[start + 1:]:
+        if not ln.strip():
+            break
+        out.append(ln.strip())
+    return out
+
+
+@pytest.mark.parametrize("args,subcommand", [
+    (["--help"], None),
+    (["-h"], None),
+    (["check", "--help"], "check"),
+    (["events", "--help"], "events"),
+])
+def test_help_has_examples(args: list[str], subcommand: str | None) -> None:
+    result = CliRunner().invoke(main, args, prog_name="anontrace")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: anontrace")
+    ex = examples(result.output)
+    assert ex, result.output
+    assert all(re.match(r"^(sudo )?anontrace\b", e) for e in ex), ex
+    if subcommand is not None:
+        assert any(re.match(rf"^(sudo )?anontrace {subcommand}\b", e) for e in ex), ex
+    else:
+        assert any("anontrace check" in e for e in ex), ex
+
+
+def test_events_help_lists_options() -> None:
+    out = run(["events", "--help"]).output
+    for opt in ("--pid", "--no-children", "--backend", "--transport", "--duration", "--json",
+                "--raw"):
+        assert opt in out
+    assert "[default: auto]" in out
+
+
+def test_version() -> None:
+    result = run(["--version"])
+    assert result.exit_code == 0 and result.output.startswith("anontrace, version ")
+
+
+@pytest.fixture
+def not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+
+@pytest.mark.usefixtures("not_root")
+def test_check_as_non_root() -> None:
+    assert_one_line_error(run(["check"]), "anontrace needs root")
+
+
+@pytest.mark.usefixtures("not_root")
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_check_json_as_non_root(extra: list[str]) -> None:
+    assert_one_line_error(run(["check", *extra]), "run it with sudo")
+
+
+@pytest.mark.usefixtures("not_root")
+@pytest.mark.parametrize("args", [["events"], ["events", "-p", str(os.getpid())],
+                                  ["events", "--backend", "kprobe", "-d", "1"]])
+def test_events_as_non_root(args: list[str]) -> None:
+    assert_one_line_error(run(args), "anontrace needs root")
+
+
+def _dead_pid() -> int:
+    # above the largest pid_max (2^22): cannot exist
+    return 2**22 + 12345
+
+
+def test_events_no_such_process() -> None:
+    pid = _dead_pid()
+    assert not Path(f"/proc/{pid}").exists()
+    assert_one_line_error(run(["events", "-p", str(pid)]), f"no such process: {pid}")
+
+
+def test_events_lists_every_missing_pid() -> None:
+    a, b = _dead_pid(), _dead_pid() + 1
+    result = run(["events", "-p", str(a), "-p", str(os.getpid()), "-p", str(b)])
+    assert_one_line_error(result, f"no such process: {a}, {b}")
+
+
+@pytest.mark.parametrize("bad", ["0", "-5"])
+def test_events_nonpositive_pid(bad: str) -> None:
+    assert_one_line_error(run(["events", f"--pid={bad}"]), f"no such process: {int(bad)}")
+
+
+def test_events_bad_backend_is_a_usage_error() -> None:
+    result = run(["events", "--backend", "ebpf"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--backend'" in result.output
+
+
+def test_require_pids_with_fake_proc(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "43").write_text("")  # not a directory
+    require_pids((42,), proc=tmp_path)
+    with pytest.raises(AnontraceError, match=r"^no such process: 43, 44$"):
+        require_pids((42, 43, 44), proc=tmp_path)
