@@ -13,6 +13,14 @@ with the object still intact. This module groups them per task:
 * unlink-site chain frees for one VMA        -> one unlink_anon_vmas
 
 Raw events pass through unchanged; synthetic ones carry F_SYNTHETIC.
+
+Limits: a derived unlink_anon_vmas carries the anon_vma facts of a chain-entry
+free that still saw vma->anon_vma; unlink_anon_vmas() clears it before
+freeing a root's last entry, so a VMA whose chain held only its root reports
+depth 0. The model does not use those facts (it drops the VMA either way).
+On 7.0, where anon_vma_fork() allocates before cloning and frees at once when
+it reuses, a reusing fork would show as a new one here (not yet seen: no 7.0
+kernel to test on).
 """
 from __future__ import annotations
 

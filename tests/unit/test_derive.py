@@ -100,12 +100,6 @@ def test_derived_shape_matches_real_probes(series: str, backend: str) -> None:
             assert host[g]["unlink_anon_vmas"] == real[g]["unlink_anon_vmas"], g
 
 
-def test_derived_unlink_depth_of_root_generation() -> None:
-    host = shape(derive(raw_stream(*HOST)), kfix.events_meta(*HOST))
-    real = shape(kfix.events("6.1", "fentry"), kfix.events_meta("6.1", "fentry"))
-    assert host[0]["unlink_anon_vmas"] == real[0]["unlink_anon_vmas"]
-
-
 # --- hand-built streams --------------------------------------------------------
 
 PARENT_MM, CHILD_MM = 0xffff8881000a0000, 0xffff8881000b0000
