@@ -30,6 +30,7 @@
 #define K_PROC_FORK 9
 #define K_PROC_EXEC 10
 #define K_PROC_EXIT 11
+#define K_SYNC 12          // derived backend: the task's pending operation ended
 
 // Event flags.
 #define F_DEPTH_TRUNCATED 1  // parent walk hit MAX_DEPTH
@@ -514,8 +515,14 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (pending.lookup(&tid))
-        flush_all(ctx, tid);
+    if (!pending.lookup(&tid))
+        return 0;
+    flush_all(ctx, tid);
+    // Tell user space that the task's operation is over, so the grouping of
+    // its last allocations need not wait for the task's next event.
+    struct event *e = new_event(K_SYNC);
+    if (e)
+        submit(ctx, e);
     return 0;
 }
 #endif /* DERIVE_FROM_KMEM */

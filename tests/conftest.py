@@ -52,3 +52,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if passed or failed:
         terminalreporter.write_line(
             f"kernel {os.uname().release} {test_backend()}: {passed} passed, {failed} failed")
+
+
+@pytest.fixture(scope="session")
+def reproducer_bin() -> Path:
+    return build_workload("reproducer")
+
+
+@pytest.fixture(scope="session")
+def splits_bin() -> Path:
+    return build_workload("splits")

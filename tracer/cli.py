@@ -167,6 +167,7 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
     """
     from tracer.bpf_session import TraceOptions, TraceSession
     from tracer.event_view import format_event, header
+    from tracer.events import Kind
     from tracer.procs import require_pids
 
     _sigterm_to_interrupt()
@@ -184,7 +185,8 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
             try:
                 for ev in session.iter_events(
                         lambda: deadline is not None and time.monotonic() >= deadline):
-                    if not raw and ev.probe is None and ev.kind.name.startswith("AV"):
+                    if not raw and ev.probe is None and (ev.kind.name.startswith("AV")
+                                                         or ev.kind is Kind.SYNC):
                         continue
                     click.echo(json.dumps(ev.to_dict()) if as_json else format_event(ev))
             except KeyboardInterrupt:

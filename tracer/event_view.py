@@ -7,7 +7,7 @@ _NAMES = {
     Kind.ANON_VMA_FORK: "fork", Kind.ANON_VMA_CLONE: "clone", Kind.UNLINK_ANON_VMAS: "unlink",
     Kind.PAGE_SET_ANON_RMAP: "rmap", Kind.AV_ALLOC: "av+", Kind.AV_FREE: "av-",
     Kind.AVC_ALLOC: "avc+", Kind.AVC_FREE: "avc-", Kind.PROC_FORK: "proc-fork",
-    Kind.PROC_EXEC: "proc-exec", Kind.PROC_EXIT: "proc-exit",
+    Kind.PROC_EXEC: "proc-exec", Kind.PROC_EXIT: "proc-exit", Kind.SYNC: "sync",
 }
 
 

@@ -22,6 +22,7 @@ class Kind(enum.IntEnum):
     PROC_FORK = 9
     PROC_EXEC = 10
     PROC_EXIT = 11
+    SYNC = 12  # derived backend: a task's pending operation ended (syscall exit)
 
 
 class Site(enum.IntEnum):

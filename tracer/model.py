@@ -119,6 +119,7 @@ class Model:
             Kind.PROC_FORK: self._proc_fork,
             Kind.PROC_EXEC: self._proc_exec,
             Kind.PROC_EXIT: self._proc_exit,
+            Kind.SYNC: self._ignore,
         }
 
     # -- input ------------------------------------------------------------

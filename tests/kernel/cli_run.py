@@ -1,0 +1,69 @@
+"""Drive `anontrace --json -- WORKLOAD` and split its stdout into the
+workload's own lines and anontrace's reports."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class CliRun:
+    proc: subprocess.Popen[bytes]
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    workload: list[dict[str, Any]] = field(default_factory=list)
+    stderr: str = ""
+
+    def read_until(self, predicate, timeout: float = 120.0) -> None:
+        """Read lines until predicate(self) is true."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while not predicate(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out; reports={len(self.reports)} "
+                                   f"workload={self.workload[-3:]}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not ready:
+                continue
+            line = self.proc.stdout.readline()
+            if not line:
+                raise EOFError(f"anontrace exited: {self.finish()}")
+            msg = json.loads(line)
+            (self.reports if "processes" in msg else self.workload).append(msg)
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 120.0) -> int:
+        """Close stdin, collect the remaining output, return the exit status."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.stdin = None  # communicate() must not flush a closed pipe
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stderr = err.decode(errors="replace")
+        for line in out.splitlines():
+            msg = json.loads(line)
+            (self.reports if "processes" in msg else self.workload).append(msg)
+        return self.proc.returncode
+
+    def pids(self, event: str = "gen") -> dict[int, int]:
+        return {m["gen"]: m["pid"] for m in self.workload if m.get("event") == event}
+
+
+def start(args: list[str], backend: str, interval: float = 0.3) -> CliRun:
+    cmd = [sys.executable, "-m", "tracer.cli", "--json", "-i", str(interval),
+           "--backend", backend, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    return CliRun(proc)

@@ -1,0 +1,147 @@
+"""`anontrace --json -- COMMAND` on the running kernel, end to end.
+
+(a) an alive fork chain: generation g reports max_depth and max_chain g+1;
+(b) the 2012 reproducer shape stays bounded (reuse rule);
+(c) mprotect splits add chain entries, not anon_vmas;
+(d) a recording replays to the same reports as the run that made it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernel.cli_run import CliRun, start
+
+GENERATIONS = 4
+REGIONS = 3
+
+
+def _proc(report: dict, pid: int) -> dict:
+    found = [p for p in report["processes"] if p["pid"] == pid]
+    assert found, f"pid {pid} not in report"
+    return found[0]
+
+
+def _wait_reports(run: CliRun, n: int = 2) -> None:
+    have = len(run.reports)
+    run.read_until(lambda r: len(r.reports) >= have + n)
+
+
+@pytest.fixture(scope="module")
+def chain(forkchain_bin, backend) -> tuple[CliRun, dict, int]:
+    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
+    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+    run.send(b"g")
+    run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
+                   and len(r.pids()) == GENERATIONS + 1)
+    _wait_reports(run)
+    alive = run.reports[-1]
+    status = run.finish()
+    return run, alive, status
+
+
+def test_alive_chain_figures(chain) -> None:
+    run, alive, _ = chain
+    assert alive["final"] is False and alive["partial"] is False, alive["partial_reasons"]
+    for g, pid in run.pids().items():
+        p = _proc(alive, pid)
+        assert p["alive"] is True
+        assert p["max_depth"] == g + 1, p
+        assert p["max_chain"] == g + 1, p
+        assert p["anon_vma_chains"] >= p["anon_vmas"] * (g + 1) if g else True
+        if 0 < g < GENERATIONS:
+            assert p["max_degree"] == 1, p          # one child anon_vma per anon_vma
+        elif g == GENERATIONS:
+            assert p["max_degree"] == 0, p
+        else:
+            assert p["max_degree"] >= 1, p
+        if g:
+            # every anon VMA of a forked child came from anon_vma_fork
+            assert p["events"]["anon_vma_fork"] == p["anon_vmas"], p
+            assert p["events"]["anon_vma_clone"] >= p["anon_vmas"], p
+    assert alive["totals"]["anon_vmas"] >= sum(
+        _proc(alive, pid)["anon_vmas"] for pid in run.pids().values())
+
+
+def test_chain_final_report(chain) -> None:
+    run, _, status = chain
+    assert status == 0, run.stderr
+    final = run.reports[-1]
+    assert final["final"] is True
+    assert all(not r["final"] for r in run.reports[:-1])
+    assert final["lost_events"] == 0
+    pids = set(run.pids().values())
+    assert pids <= {p["pid"] for p in final["processes"]}
+    assert not [p for p in final["processes"] if p["alive"]]
+    assert final["totals"]["anon_vmas"] == 0, final["totals"]
+    assert final["totals"]["anon_vma_chains"] == 0, final["totals"]
+    assert "Tracing with" in run.stderr
+
+
+def test_reproducer_stays_bounded(reproducer_bin, backend) -> None:
+    """Every generation forks the next and exits. Before v3.19 each
+    generation added a level; with reuse (num_children < 2 &&
+    num_active_vmas == 0) generation g+2 reuses the anon_vma of generation
+    g, so depth alternates between 2 and 3 and each anon VMA keeps at most
+    three anon_vmas: its root and the two alternating levels."""
+    generations = 40
+    run = start(["--", str(reproducer_bin), "2", str(generations)], backend, interval=0.2)
+    run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
+    _wait_reports(run)
+    status = run.finish()
+    assert status == 0, run.stderr
+    depths = [p["max_depth"] for r in run.reports for p in r["processes"] if p["alive"]]
+    per_process = max(p["anon_vmas"] for r in run.reports for p in r["processes"])
+    live = [r["totals"]["anon_vmas"] for r in run.reports]
+    print(f"reproducer: max_depth={max(depths)} per-process anon_vmas<={per_process} "
+          f"live anon_vmas max={max(live)} over {len(run.reports)} reports")
+    assert max(depths) <= 3
+    assert max(live) <= 3 * per_process
+    assert len(run.pids()) == generations + 1
+    assert run.reports[-1]["totals"]["anon_vmas"] == 0
+
+
+def test_mprotect_splits_add_chains_not_anon_vmas(splits_bin, backend) -> None:
+    pages = 16
+    run = start(["--", str(splits_bin), str(pages)], backend)
+    run.read_until(lambda r: any(m["event"] == "mapped" for m in r.workload))
+    _wait_reports(run)
+    pid = run.reports[-1]["processes"][0]["pid"]
+    before = _proc(run.reports[-1], pid)
+    run.send(b"g")
+    run.read_until(lambda r: any(m["event"] == "split" for m in r.workload))
+    _wait_reports(run)
+    after = _proc(run.reports[-1], pid)
+    assert run.finish() == 0
+    assert after["anon_vmas"] == before["anon_vmas"], (before, after)
+    # 8 mprotect calls split one VMA into 16: 15 new VMAs, one entry each.
+    assert after["anon_vma_chains"] == before["anon_vma_chains"] + pages - 1, (before, after)
+    assert after["events"]["anon_vma_clone"] - before["events"]["anon_vma_clone"] == pages - 1
+
+
+def test_replay_matches_live(forkchain_bin, backend, tmp_path) -> None:
+    rec = tmp_path / "run.atr"
+    run = start(["record", "-o", str(rec), "--json", "-i", "0.3", "--backend", backend, "--",
+                 str(forkchain_bin), "2", "2", "touch"], backend)
+    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+    run.send(b"g")
+    run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
+    _wait_reports(run)
+    assert run.finish() == 0, run.stderr
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "replay", str(rec), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    replayed = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(run.reports) >= 3
+    assert replayed == run.reports
+
+
+def test_unknown_pid_is_a_clear_error(backend) -> None:
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "-p", "999999999", "-d", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "no such process: 999999999" in out.stderr
+    assert "Traceback" not in out.stderr
