@@ -154,6 +154,18 @@ class Noise:
         return max(0.0, busy - mine - wl) / (done["elapsed_ns"] / 1e9)
 
 
+def wait_for_quiet(limit_s: float, threshold: float = 0.15) -> float:
+    """Wait (up to limit_s) until the machine is idle apart from us; returns
+    the CPUs other jobs used in the last 0.5 s sample."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        b0, s0 = _busy_s(), _self_s()
+        time.sleep(0.5)
+        other = max(0.0, (_busy_s() - b0) - (_self_s() - s0)) / 0.5
+        if other <= threshold or time.monotonic() >= deadline:
+            return other
+
+
 # ------------------------------------------------------------------ BPF stats
 def _bpftool_progs() -> dict[int, dict[str, Any]]:
     if shutil.which("bpftool") is None:
@@ -193,6 +205,7 @@ class ConsumerStats:
     polls: int = 0
     by_kind: collections.Counter = field(default_factory=collections.Counter)
     cpu_s: float = 0.0
+    wall_s: float = 0.0
     last_event: float = 0.0
 
 
@@ -207,7 +220,7 @@ class Consumer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        t0 = time.thread_time()
+        t0, w0 = time.thread_time(), time.monotonic()
         st = self.stats
         try:
             while not self.stop.is_set():
@@ -222,6 +235,7 @@ class Consumer(threading.Thread):
             self.error = exc
         finally:
             st.cpu_s = time.thread_time() - t0
+            st.wall_s = time.monotonic() - w0
 
 
 # ------------------------------------------------------------------ one run
@@ -237,6 +251,7 @@ class RunResult:
     lost: dict[str, int] = field(default_factory=dict)
     lost_total: int = 0
     consumer_cpu_s: float = 0.0
+    consumer_wall_s: float = 0.0   # how long the consumer thread ran
     catch_up_s: float = 0.0        # from workload end until the consumer was idle
     workload_sys_s: float = 0.0    # parent + children system time
     other_cpu_per_s: float = 0.0   # CPUs busy with other jobs (noise; ~0 on a quiet box)
@@ -322,6 +337,7 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     res.lost = lost
     res.lost_total = sum(lost.values())
     res.consumer_cpu_s = cs.cpu_s
+    res.consumer_wall_s = cs.wall_s
     res.catch_up_s = catch_up
     res.by_kind = dict(cs.by_kind.most_common())
     if stats:
@@ -404,7 +420,8 @@ def summarize(results: list[RunResult], target: float) -> dict[str, Any]:
         out["events"][v] = sum(r.events for r in rs)
         out["events_per_fork"][v] = round(statistics.median(r.events_per_fork for r in rs), 2)
         out["consumer_cpu_per_s"][v] = round(statistics.median(
-            r.consumer_cpu_s / (r.elapsed_ns / 1e9) for r in rs), 3)
+            r.consumer_cpu_s / r.consumer_wall_s if r.consumer_wall_s else 0.0
+            for r in rs), 3)
         if rs[0].bpf_ns_per_fork is not None:
             out.setdefault("bpf_ns_per_fork", {})[v] = round(
                 statistics.median(r.bpf_ns_per_fork or 0 for r in rs), 1)
@@ -430,7 +447,7 @@ def print_summary(summary: dict[str, Any], info: dict[str, Any], file: Any) -> N
           f"({summary['events_per_fork'][v]}/fork)   consumer CPU "
           f"{summary['consumer_cpu_per_s'][v]:.2f} s/s"
           + (f"   BPF {summary['bpf_ns_per_fork'][v] / 1000:.1f} us/fork"
-             if "bpf_ns_per_fork" in summary else ""))
+             if v in summary.get("bpf_ns_per_fork", {}) else ""))
     if summary["other_cpu_per_s_max"] > 0.15:
         p(f"  WARNING: other jobs used up to {summary['other_cpu_per_s_max']:.2f} CPUs during "
           "the runs: the figures are unreliable, rerun on a quiet machine")
@@ -455,6 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pages", type=int, default=4, help="pages per region")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds of untraced forking before round 1 (0: none)")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                    help="before each run, wait up to this long for other jobs to go idle")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="report in-kernel BPF time per fork (enables kernel.bpf_stats_enabled)")
     ap.add_argument("--target", type=float, default=0.95)
@@ -504,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             order = args.variant_list if rnd % 2 else list(reversed(args.variant_list))
             for v in order:
+                if args.quiet_wait > 0:
+                    wait_for_quiet(args.quiet_wait)
                 if v == "untraced":
                     r = run_untraced(rnd, args.seconds, args.regions, args.pages)
                 elif v == "empty":

@@ -219,6 +219,12 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
     if (!e)
         return;
     fill_vma(e, vma);
+    // dup_mmap() calls anon_vma_fork() for every VMA, __split_vma() calls
+    // anon_vma_clone() and teardown calls unlink_anon_vmas() for VMAs that
+    // never had an anon_vma: those calls change nothing, and the derived
+    // backend cannot see them either, so they are not events.
+    if (!e->anon_vma && !e->chain_len && !ret)
+        return;
     e->aux = aux;
     e->aux2 = aux2;
     e->ret = ret;
@@ -419,6 +425,7 @@ struct pending {
     u64 fork_avc;
     u64 prep_av;
     u64 prep_avc;
+    u64 sync;   // an unlink is in progress: tell user space when it ends
 };
 BPF_HASH(pending, u32, struct pending, 16384);
 
@@ -512,19 +519,35 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
     }
 }
 
-RAW_TRACEPOINT_PROBE(sys_exit)
+// The task's operation is over (syscall exit, or its mm torn down): flush
+// what is pending and tell user space, so the grouping of its last
+// allocations and frees need not wait for the task's next event.
+static __always_inline void end_operation(void *ctx)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     if (!pending.lookup(&tid))
-        return 0;
+        return;
     flush_all(ctx, tid);
-    // Tell user space that the task's operation is over, so the grouping of
-    // its last allocations need not wait for the task's next event.
     struct event *e = new_event(K_SYNC);
     if (e)
         submit(ctx, e);
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    end_operation(ctx);
     return 0;
 }
+
+#ifdef HAVE_EXIT_MMAP_TP
+// Since v6.16 a task's exit event precedes exit_mm(); exit_mmap ends the
+// teardown (tracepoint mmap:exit_mmap, v6.1).
+RAW_TRACEPOINT_PROBE(exit_mmap)
+{
+    end_operation(ctx);
+    return 0;
+}
+#endif
 #endif /* DERIVE_FROM_KMEM */
 
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
@@ -588,6 +611,14 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
         emit_av(args, K_AV_FREE, site, ptr, 0);
     else
         emit_avc(args, K_AVC_FREE, site, ptr, 0);
+#ifdef DERIVE_FROM_KMEM
+    if (site == S_UNLINK) {
+        u32 tid = (u32)bpf_get_current_pid_tgid();
+        struct pending mark = {.sync = 1};
+        if (pending.update(&tid, &mark))
+            count(C_LOST_PENDING);
+    }
+#endif
     return 0;
 }
 

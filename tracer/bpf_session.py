@@ -84,6 +84,7 @@ class KernelFacts:
     kprobes_available: bool
     ringbuf_available: bool
     kmem_free_has_name: bool
+    exit_mmap_tracepoint: bool
     av_slab_size: int | None
     avc_slab_size: int | None
     headers: Headers | None
@@ -118,6 +119,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
         # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
         ringbuf_available="bpf_ringbuf_output" in kallsyms,
         kmem_free_has_name="name" in tracepoint_fields(free_fmt),
+        exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
         av_slab_size=slab_object_size(env, "anon_vma"),
         avc_slab_size=slab_object_size(env, "anon_vma_chain"),
         headers=headers, headers_error=headers_error)
@@ -221,7 +223,8 @@ class TraceSession:
             follow_children=self.options.follow_children,
             av_slab_size=facts.av_slab_size or 0,
             avc_slab_size=facts.avc_slab_size or 0,
-            kmem_free_has_name=facts.kmem_free_has_name)
+            kmem_free_has_name=facts.kmem_free_has_name,
+            exit_mmap_tracepoint=facts.exit_mmap_tracepoint)
 
     def _load(self, bcc: Any, plan: Plan) -> None:
         facts = self.facts

@@ -23,6 +23,7 @@ class BuildOptions:
     av_slab_size: int = 0
     avc_slab_size: int = 0
     kmem_free_has_name: bool = False
+    exit_mmap_tracepoint: bool = False
     max_depth: int = 128
     max_chain: int = 128
 
@@ -59,6 +60,8 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     d["AVC_SLAB_SIZE"] = opts.avc_slab_size
     if opts.kmem_free_has_name:
         d["KMEM_FREE_HAS_NAME"] = None
+    if opts.exit_mmap_tracepoint:
+        d["HAVE_EXIT_MMAP_TP"] = None
     if opts.ringbuf:
         d["USE_RINGBUF"] = None
         d["RINGBUF_PAGES"] = opts.ringbuf_pages

@@ -35,6 +35,7 @@ class _Group:
     kind: Kind          # ANON_VMA_CLONE or UNLINK_ANON_VMAS
     last: Event
     count: int
+    held: list[Event] | None = None  # anon_vma frees inside an unlink, emitted after it
 
 
 class Deriver:
@@ -42,6 +43,10 @@ class Deriver:
 
     def __init__(self) -> None:
         self._groups: dict[int, _Group] = {}
+        # unlink_anon_vmas() drops an anon_vma's reference (and may free it)
+        # just before freeing the chain entry that linked it: hold such frees
+        # until the entry's free says which VMA's teardown they belong to.
+        self._puts: dict[int, list[Event]] = {}
 
     def feed(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
@@ -54,19 +59,18 @@ class Deriver:
         out: list[Event] = []
         for tid in list(self._groups):
             self._close(tid, None, out)
+        for puts in self._puts.values():
+            out.extend(puts)
+        self._puts.clear()
         return out
 
     def _one(self, ev: Event, out: list[Event]) -> None:
         tid = ev.tid
-        g = self._groups.get(tid)
-        if ev.kind is Kind.AVC_ALLOC and ev.site is Site.CLONE:
-            if g is not None and g.kind is Kind.ANON_VMA_CLONE and g.last.vma == ev.vma:
-                g.last, g.count = ev, g.count + 1
-            else:
-                self._close(tid, ev, out)
-                self._groups[tid] = _Group(Kind.ANON_VMA_CLONE, ev, 1)
-            out.append(ev)
+        if ev.kind is Kind.AV_FREE and ev.site is Site.PUT:
+            self._puts.setdefault(tid, []).append(ev)
             return
+        puts = self._puts.pop(tid, None)
+        g = self._groups.get(tid)
         if ev.kind is Kind.AVC_FREE and ev.site is Site.UNLINK:
             if g is not None and g.kind is Kind.UNLINK_ANON_VMAS and g.last.vma == ev.vma:
                 g.count += 1
@@ -76,16 +80,27 @@ class Deriver:
                     g.last = ev
             else:
                 self._close(tid, ev, out)
-                self._groups[tid] = _Group(Kind.UNLINK_ANON_VMAS, ev, 1)
+                g = self._groups[tid] = _Group(Kind.UNLINK_ANON_VMAS, ev, 1)
+            if puts:
+                # Emitted after the unlink, so the VMA is gone before its
+                # anon_vma, as on the fentry and kprobe backends.
+                g.held = (g.held or []) + puts
             out.append(ev)
             return
-        if ev.kind is Kind.AV_FREE and ev.site is Site.PUT and g is not None \
-                and g.kind is Kind.UNLINK_ANON_VMAS:
-            # unlink_anon_vmas drops anon_vma references between chain frees.
+        if ev.kind is Kind.AVC_ALLOC and ev.site is Site.CLONE:
+            if g is not None and g.kind is Kind.ANON_VMA_CLONE and g.last.vma == ev.vma:
+                g.last, g.count = ev, g.count + 1
+            else:
+                self._close(tid, ev, out)
+                self._groups[tid] = _Group(Kind.ANON_VMA_CLONE, ev, 1)
+            if puts:
+                out.extend(puts)
             out.append(ev)
             return
         if g is not None:
             self._close(tid, ev, out)
+        if puts:
+            out.extend(puts)
         out.append(ev)
         if ev.kind is Kind.AVC_ALLOC and ev.site is Site.FORK:
             out.append(_synth(ev, Kind.ANON_VMA_FORK, 0))
@@ -98,6 +113,7 @@ class Deriver:
             unlink = _synth(g.last, Kind.UNLINK_ANON_VMAS, 0)
             unlink.chain_len = g.count  # entries the teardown freed
             out.append(unlink)
+            out.extend(g.held or ())
             return
         out.append(_synth(g.last, Kind.ANON_VMA_CLONE, 0))
         into_child = g.last.mm != 0 and g.last.cur_mm != 0 and g.last.mm != g.last.cur_mm

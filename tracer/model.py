@@ -187,12 +187,16 @@ class Model:
     def _own(self, mm: Mm, tgid: int, comm: str) -> None:
         """Record that ``mm`` belongs to process ``tgid``."""
         if mm.tgid == tgid:
-            return
+            proc = self.processes.get(tgid)
+            # Done unless a later exec got this (recycled) mm pointer back.
+            if proc is None or proc.mm is mm:
+                return
         mm.tgid = tgid
         proc = self._process(tgid, comm)
         if proc.mm is not mm:
             proc.mm = mm
-            proc.mms.append(mm)
+            if mm not in proc.mms:
+                proc.mms.append(mm)
 
     def _anon_vma(self, ev: Event, mm: Mm | None) -> AnonVma:
         """The anon_vma an event's facts describe, created or refreshed."""
@@ -207,9 +211,10 @@ class Model:
             av = None
         if av is None:
             av = self.anon_vmas[ptr] = AnonVma(ptr)
+        if av.mm is None:
+            av.mm = mm
         if not av.depth and ev.depth:
             av.depth = ev.depth
-            av.mm = av.mm or mm
             if parent_ptr and parent_ptr != ptr:
                 parent = self.anon_vmas.get(parent_ptr)
                 if parent is not None:
@@ -289,11 +294,21 @@ class Model:
             self._forget_vma(vma)
 
     def _av_alloc(self, ev: Event) -> None:
+        if not ev.anon_vma:
+            return
+        old = self.anon_vmas.get(ev.anon_vma)
+        if old is not None:
+            # Allocated again while we think it lives: its free was missed
+            # (e.g. freed by an untraced task).
+            self.anomalies += 1
+            self._reasons.add("an anon_vma free was missed (pointer reused)")
+            self._drop_av(old)
+        # The mm it is created for is the VMA's, learned with the VMA: a
+        # fork allocates in the parent's context (KERNEL-NOTES section 4).
         if ev.depth:
-            self._anon_vma(ev, self.mms.get(ev.cur_mm))   # derived: facts known
-        elif ev.anon_vma and ev.anon_vma not in self.anon_vmas:
-            av = self.anon_vmas[ev.anon_vma] = AnonVma(ev.anon_vma)
-            av.mm = self.mms.get(ev.cur_mm)
+            self._anon_vma(ev, None)   # derived backend: facts already read
+        else:
+            self.anon_vmas[ev.anon_vma] = AnonVma(ev.anon_vma)
 
     def _av_free(self, ev: Event) -> None:
         av = self.anon_vmas.get(ev.anon_vma)

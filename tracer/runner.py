@@ -219,6 +219,8 @@ def run_replay(path: Path, emit: Emit) -> int:
                 emit(tracker.report(last_time, last_lost, final=True))
                 return int(meta.get("exit_status", 0))
     except RecordingError as exc:
+        if deriver:
+            tracker.feed(deriver.flush())
         tracker.model.add_reason(f"recording unreadable from byte offset {exc.offset}")
         emit(tracker.report(last_time, last_lost, final=True))
         raise AnontraceError(str(exc)) from exc

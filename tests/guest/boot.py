@@ -8,9 +8,10 @@ The development machine's own kernel has no kprobes and refuses fentry
 Inside the guest:
 
 * the command runs as root, with bash, in the repository directory;
-* the repository and ``/tmp`` are shared read-write with the host, so result
-  files written there are visible to the host afterwards; everything else is
-  read-only or a throw-away overlay;
+* the repository is shared read-write with the host, so result files written
+  there are visible to the host afterwards; ``/tmp`` is the guest's own
+  tmpfs (a shared /tmp breaks unlinked temp files, which pytest's capture
+  uses); everything else is read-only or a throw-away overlay;
 * ``/var/cache/anontrace`` (debug vmlinux files) is shared read-only; the
   rest of ``/var/cache`` is an empty tmpfs;
 * tracefs and debugfs are mounted, BPF (kprobes, fentry) works, and
@@ -126,7 +127,6 @@ def vng_command(kernel: str, command: str, memory: str = "2G", cpus: int = 2) ->
         "--cwd", str(REPO),
         # Only these are writable back to the host; --rw would expose all of /.
         "--rwdir", str(REPO),
-        "--rwdir", "/tmp",
         *cache,
         "--", script,
     ]

@@ -67,3 +67,54 @@ def test_drgn_sees_generation_zero_roots(walked: FamilyRun) -> None:
     for start in g0.regions:
         assert kernel[start]["depth"] == 1
         assert int(kernel[start]["anon_vma"], 16) == roots[start]
+
+
+def _drgn_figures(walk: dict) -> dict:
+    """The README's per-process figures, computed from drgn's reading."""
+    vmas = walk["vmas"]
+    avs = {v["anon_vma"]: v for v in vmas}
+    # num_children counts a root's link to itself (__anon_vma_prepare); the
+    # README's degree counts child anon_vmas only.
+    degree = [v["num_children"] - (1 if v["root"] == v["anon_vma"] else 0)
+              for v in avs.values()]
+    return {
+        "anon_vmas": len(avs),
+        "anon_vma_chains": sum(v["chain_len"] for v in vmas),
+        "max_depth": max((v["depth"] for v in vmas), default=0),
+        "max_degree": max(degree, default=0),
+        "max_chain": max((v["chain_len"] for v in vmas), default=0),
+    }
+
+
+def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
+    """With the family paused and alive, every figure of every process in
+    `anontrace --json -- forkchain` equals what drgn reads from the kernel."""
+    from tests.kernel.cli_run import start
+
+    if not VMLINUX.exists():
+        pytest.skip(f"no DWARF vmlinux for {os.uname().release} at {VMLINUX}: drgn ground "
+                    "truth runs in the Debian 6.12 guest (scripts/fetch-dbg-vmlinux.sh)")
+    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
+    try:
+        run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+        run.send(b"g")
+        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
+                       and len(r.pids()) == GENERATIONS + 1)
+        pids = run.pids()
+        args = [sys.executable, str(ROOT / "tests" / "guest" / "drgn_walk.py"),
+                "--vmlinux", str(VMLINUX), "--json"]
+        for pid in pids.values():
+            args += ["--pid", str(pid)]
+        truth = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=600,
+                                          check=True).stdout)
+        have = len(run.reports)
+        run.read_until(lambda r: len(r.reports) >= have + 1)
+        report = run.reports[-1]
+    finally:
+        run.finish()
+    assert not report["partial"], report["partial_reasons"]
+    by_pid = {p["pid"]: p for p in report["processes"]}
+    for walk in truth["pids"]:
+        expected = _drgn_figures(walk)
+        got = {k: by_pid[walk["pid"]][k] for k in expected}
+        assert got == expected, (walk["pid"], got, expected)

@@ -46,9 +46,15 @@ def test_recorded_stream_is_raw_plus_derived() -> None:
 
 @pytest.mark.parametrize("batch", [None, 1, 7, 64])
 def test_rederiving_reproduces_the_session(batch: int | None) -> None:
-    """Feeding the raw events again, in any batch size, gives exactly what
-    the live TraceSession produced on 6.18."""
-    assert derive(raw_stream(*HOST), batch) == kfix.events(*HOST)
+    """Feeding the raw events again, in any batch size, gives what the live
+    TraceSession produced on 6.18: the same synthetic events in the same
+    order, and the same raw events (the deriver moves anon_vma frees held
+    for an unlink behind it, so raw order is compared as a multiset)."""
+    again = derive(raw_stream(*HOST), batch)
+    live = kfix.events(*HOST)
+    assert [e for e in again if e.flags & F_SYNTHETIC] == [
+        e for e in live if e.flags & F_SYNTHETIC]
+    assert sorted(map(repr, again)) == sorted(map(repr, live))
 
 
 def test_family_counts_and_depths_per_generation() -> None:
@@ -192,18 +198,22 @@ def test_unlink_groups_across_interleaved_put_frees() -> None:
     assert [(e.vma, e.chain_len) for e in unlinks] == [(VMA1, 3), (VMA2, 1)]
     assert unlinks[0].depth == 3  # facts of the group's first free
     assert all(e.flags & F_SYNTHETIC for e in unlinks)
-    # raw events all pass through, in order, unchanged
-    assert [e for e in out if not e.flags & F_SYNTHETIC] == stream
-    # each unlink follows the last free of its group
+    # raw events all pass through unchanged; the anon_vma frees come right
+    # after the unlink of the VMA whose teardown dropped them
+    assert sorted(map(repr, (e for e in out if not e.flags & F_SYNTHETIC))) == sorted(
+        map(repr, stream))
     i = out.index(unlinks[0])
     assert out[i - 1] is stream[4]
+    assert out[i + 1] is stream[1] and out[i + 2] is stream[3]
 
 
 def test_put_free_outside_unlink_closes_clone_group() -> None:
-    stream = [ev(Kind.AVC_ALLOC, Site.CLONE, chain_len=1), ev(Kind.AV_FREE, Site.PUT)]
+    stream = [ev(Kind.AVC_ALLOC, Site.CLONE, chain_len=1), ev(Kind.AV_FREE, Site.PUT),
+              ev(Kind.PROC_EXIT)]
     out = Deriver().feed(stream)
     assert synthetic(out) == [(Kind.ANON_VMA_CLONE, 0), (Kind.ANON_VMA_FORK, F_REUSED)]
-    assert out[-1] is stream[-1]
+    # the held free is released by the task's next event, before it
+    assert out[-2] is stream[1] and out[-1] is stream[2]
 
 
 # --- any stream ----------------------------------------------------------------
@@ -232,8 +242,10 @@ def test_feed_never_raises_and_only_adds_synthetic(batches: list[list[Event]]) -
         out.extend(d.feed(b))
     out.extend(d.flush())
     fed = [e for b in batches for e in b]
-    # every input event comes out once, unchanged, in order
-    assert [e for e in out if not (e.flags & F_SYNTHETIC)] == fed
+    # every input event comes out once, unchanged (anon_vma frees may move
+    # behind the unlink they belong to)
+    assert sorted(map(repr, (e for e in out if not (e.flags & F_SYNTHETIC)))) == sorted(
+        map(repr, fed))
     added = [e for e in out if e.flags & F_SYNTHETIC]
     assert len(added) == len(out) - len(fed)
     for e in added:
