@@ -436,10 +436,18 @@ static __always_inline void flush_clone(void *ctx, struct pending *p)
     p->clone_avc = 0;
 }
 
+// Deferred anon_vma allocations are only reported with OBJECT_EVENTS: the
+// chain entry allocated with each carries the same facts plus its VMA.
+#ifdef OBJECT_EVENTS
+#define emit_av_alloc(ctx, site, av) emit_av(ctx, K_AV_ALLOC, site, av, F_DEFERRED)
+#else
+#define emit_av_alloc(ctx, site, av) do {} while (0)
+#endif
+
 static __always_inline void flush_fork(void *ctx, struct pending *p)
 {
     if (p->fork_av)
-        emit_av(ctx, K_AV_ALLOC, S_FORK, p->fork_av, F_DEFERRED);
+        emit_av_alloc(ctx, S_FORK, p->fork_av);
     if (p->fork_avc)
         emit_avc(ctx, K_AVC_ALLOC, S_FORK, p->fork_avc, F_DEFERRED);
     p->fork_av = 0;
@@ -449,7 +457,7 @@ static __always_inline void flush_fork(void *ctx, struct pending *p)
 static __always_inline void flush_prep(void *ctx, struct pending *p)
 {
     if (p->prep_av)
-        emit_av(ctx, K_AV_ALLOC, S_PREPARE, p->prep_av, F_DEFERRED);
+        emit_av_alloc(ctx, S_PREPARE, p->prep_av);
     if (p->prep_avc)
         emit_avc(ctx, K_AVC_ALLOC, S_PREPARE, p->prep_avc, F_DEFERRED);
     p->prep_av = 0;
@@ -550,50 +558,100 @@ RAW_TRACEPOINT_PROBE(exit_mmap)
 #endif
 #endif /* DERIVE_FROM_KMEM */
 
-TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
+static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr)
 {
-    u64 ip = args->call_site;
-    u32 site = site_of(ip);
-    if (!site || !wanted())
-        return 0;
-    u64 bytes = args->bytes_alloc;
     int is_av;
     if (bytes == AV_SLAB_SIZE)
         is_av = 1;
     else if (bytes == AVC_SLAB_SIZE)
         is_av = 0;
     else
-        return 0;
-    u64 ptr = (u64)args->ptr;
+        return;
     if (!ptr)
-        return 0;
+        return;
 #ifdef DERIVE_FROM_KMEM
-    derive_alloc(args, site, is_av, ptr);
-#else
+    derive_alloc(ctx, site, is_av, ptr);
+#elif defined(OBJECT_EVENTS)
     struct event *e = new_event(is_av ? K_AV_ALLOC : K_AVC_ALLOC);
     if (!e)
-        return 0;
+        return;
     // Not initialised yet: only the pointer and the site are facts.
     if (is_av)
         e->anon_vma = ptr;
     else
         e->aux = ptr;
     e->site = site;
-    submit(args, e);
+    submit(ctx, e);
 #endif
+}
+
+static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr)
+{
+#ifdef DERIVE_FROM_KMEM
+    flush_all(ctx, (u32)bpf_get_current_pid_tgid());
+#endif
+    // The object is still intact at kmem_cache_free: read it. The model needs
+    // every anon_vma free; chain-entry frees only feed the derived backend's
+    // unlink grouping (or --raw output).
+    if (is_av) {
+        emit_av(ctx, K_AV_FREE, site, ptr, 0);
+    } else {
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
+        emit_avc(ctx, K_AVC_FREE, site, ptr, 0);
+#endif
+    }
+#ifdef DERIVE_FROM_KMEM
+    if (site == S_UNLINK) {
+        u32 tid = (u32)bpf_get_current_pid_tgid();
+        struct pending mark = {.sync = 1};
+        if (pending.update(&tid, &mark))
+            count(C_LOST_PENDING);
+    }
+#endif
+}
+
+#ifdef KMEM_RAW
+// Raw tracepoints skip building the trace record (the perf-style
+// tracepoint copies the cache name on every slab operation system-wide).
+// Arguments since v6.1 ("mm/tracing: add 'accounted' entry into output of
+// allocation tracepoints" era): call_site, ptr, struct kmem_cache *s, ...;
+// the position of `s` comes from BTF (btf_trace_kmem_cache_*).
+RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
+{
+    u32 site = site_of(ctx->args[0]);
+    if (!site || !wanted())
+        return 0;
+    u64 cache = ctx->args[KMEM_ALLOC_CACHE_ARG];
+    handle_alloc(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(kmem_cache_free)
+{
+    u32 site = site_of(ctx->args[0]);
+    if (!site || !wanted())
+        return 0;
+    u64 cache = ctx->args[KMEM_FREE_CACHE_ARG];
+    // The anon_vma cache is never merged (it has a constructor), so its
+    // object size identifies it among the objects rmap functions free.
+    handle_free(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE, ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
+{
+    u32 site = site_of(args->call_site);
+    if (!site || !wanted())
+        return 0;
+    handle_alloc(args, site, args->bytes_alloc, (u64)args->ptr);
     return 0;
 }
 
 TRACEPOINT_PROBE(kmem, kmem_cache_free)
 {
-    u64 ip = args->call_site;
-    u32 site = site_of(ip);
+    u32 site = site_of(args->call_site);
     if (!site || !wanted())
         return 0;
-    u64 ptr = (u64)args->ptr;
-#ifdef DERIVE_FROM_KMEM
-    flush_all(args, (u32)bpf_get_current_pid_tgid());
-#endif
     int is_av;
 #ifdef KMEM_FREE_HAS_NAME
     // The anon_vma cache is never merged (it has a constructor); the
@@ -606,21 +664,10 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
 #else
     is_av = site == S_PUT;
 #endif
-    // The object is still intact at kmem_cache_free: read it.
-    if (is_av)
-        emit_av(args, K_AV_FREE, site, ptr, 0);
-    else
-        emit_avc(args, K_AVC_FREE, site, ptr, 0);
-#ifdef DERIVE_FROM_KMEM
-    if (site == S_UNLINK) {
-        u32 tid = (u32)bpf_get_current_pid_tgid();
-        struct pending mark = {.sync = 1};
-        if (pending.update(&tid, &mark))
-            count(C_LOST_PENDING);
-    }
-#endif
+    handle_free(args, site, is_av, (u64)args->ptr);
     return 0;
 }
+#endif
 
 // ------------------------------------------------------ process lifecycle
 RAW_TRACEPOINT_PROBE(sched_process_fork)

@@ -21,7 +21,7 @@ from tracer.headers import Headers, HeadersError, find_headers
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
 from tracer.layout import KernelLayout, read_layout
-from tracer.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
+from tracer.probes import BACKENDS, LOGICAL_PROBES, Plan, kmem_raw_cache_args, plan_backend
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
 KRETPROBE_MAXACTIVE = 512
@@ -60,6 +60,7 @@ class TraceOptions:
     pids: tuple[int, ...] = ()
     follow_children: bool = True
     transport: str = "auto"  # auto, ringbuf, perf
+    object_events: bool = False  # also report every anon_vma / chain entry alloc and free
     env: KernelEnv = field(default_factory=KernelEnv)
 
 
@@ -85,6 +86,7 @@ class KernelFacts:
     ringbuf_available: bool
     kmem_free_has_name: bool
     exit_mmap_tracepoint: bool
+    kmem_raw: tuple[int, int] | None
     av_slab_size: int | None
     avc_slab_size: int | None
     headers: Headers | None
@@ -120,6 +122,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
         ringbuf_available="bpf_ringbuf_output" in kallsyms,
         kmem_free_has_name="name" in tracepoint_fields(free_fmt),
         exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
+        kmem_raw=kmem_raw_cache_args(btf),
         av_slab_size=slab_object_size(env, "anon_vma"),
         avc_slab_size=slab_object_size(env, "anon_vma_chain"),
         headers=headers, headers_error=headers_error)
@@ -224,7 +227,9 @@ class TraceSession:
             av_slab_size=facts.av_slab_size or 0,
             avc_slab_size=facts.avc_slab_size or 0,
             kmem_free_has_name=facts.kmem_free_has_name,
-            exit_mmap_tracepoint=facts.exit_mmap_tracepoint)
+            exit_mmap_tracepoint=facts.exit_mmap_tracepoint,
+            kmem_raw=facts.kmem_raw,
+            object_events=self.options.object_events)
 
     def _load(self, bcc: Any, plan: Plan) -> None:
         facts = self.facts

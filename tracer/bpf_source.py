@@ -24,6 +24,8 @@ class BuildOptions:
     avc_slab_size: int = 0
     kmem_free_has_name: bool = False
     exit_mmap_tracepoint: bool = False
+    kmem_raw: tuple[int, int] | None = None  # cache argument positions (raw tracepoints)
+    object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
     max_chain: int = 128
 
@@ -62,6 +64,11 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["KMEM_FREE_HAS_NAME"] = None
     if opts.exit_mmap_tracepoint:
         d["HAVE_EXIT_MMAP_TP"] = None
+    if opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets:
+        d["KMEM_RAW"] = None
+        d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
+    if opts.object_events:
+        d["OBJECT_EVENTS"] = None
     if opts.ringbuf:
         d["USE_RINGBUF"] = None
         d["RINGBUF_PAGES"] = opts.ringbuf_pages

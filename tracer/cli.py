@@ -174,7 +174,7 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
     try:
         require_pids(pids)
         opts = TraceOptions(backend=backend, pids=pids, follow_children=not no_children,
-                            transport=transport)
+                            transport=transport, object_events=raw)
         with TraceSession(opts) as session:
             assert session.plan is not None
             click.echo(f"Tracing with {session.plan.backend} ({session.transport})... "

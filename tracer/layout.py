@@ -62,4 +62,8 @@ def read_layout(btf: Btf) -> KernelLayout:
     else:
         raise BtfError("struct anon_vma has neither num_children nor degree: "
                        "an anon_vma design this version of anontrace does not know")
+    if btf.has_member("kmem_cache", "size"):
+        # For the raw kmem tracepoints: the cache's object size (what the
+        # perf-style tracepoint reports as bytes_alloc).
+        offsets["KMEM_CACHE_SIZE"] = btf.member("kmem_cache", "size").offset
     return KernelLayout(offsets, sizes, counters)

@@ -204,3 +204,23 @@ def _rmap_choice(plan: Plan, backend: str, kallsyms: Kallsyms, btf: Btf | None,
         return choice
     choice.reason = "; ".join(tried)
     return choice
+
+
+def kmem_raw_cache_args(btf: Btf | None) -> tuple[int, int] | None:
+    """Raw-tracepoint argument positions of ``struct kmem_cache *`` in
+    kmem_cache_alloc and kmem_cache_free, or None where the tracepoints do
+    not pass the cache (before v6.1) or BTF cannot tell."""
+    if btf is None or not btf.has_member("kmem_cache", "size"):
+        return None
+    found = []
+    for tp in ("btf_trace_kmem_cache_alloc", "btf_trace_kmem_cache_free"):
+        try:
+            params = btf.typedef_proto_params(tp)
+        except BtfError:
+            return None
+        # params[0] is the tracepoint's private data; raw args start after it.
+        idx = [i - 1 for i, p in enumerate(params) if i and p.type_name == "struct kmem_cache *"]
+        if not idx or params[1].type_name != "long unsigned int":
+            return None
+        found.append(idx[0])
+    return found[0], found[1]

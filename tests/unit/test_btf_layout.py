@@ -218,7 +218,7 @@ def test_subset_of_fixture_is_closed() -> None:
     """Btf.subset() of a fixture keeps everything read_layout() needs."""
     b = kfix.btf("6.12")
     sub = Btf(b.subset(["vm_area_struct", "anon_vma", "anon_vma_chain", "task_struct",
-                        "list_head"]))
+                        "list_head", "kmem_cache"]))
     # Each struct subset alone is complete ...
     for name in ("vm_area_struct", "anon_vma", "anon_vma_chain", "task_struct", "list_head"):
         alone = Btf(b.subset([name]))
