@@ -16,7 +16,7 @@ from tracer.bpf_source import MAIN_PROGRAM, BuildOptions, cflags
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import LOSS_COUNTERS, Event, decode
+from tracer.events import LOSS_COUNTERS, Event, decode, lost_total
 from tracer.headers import Headers, HeadersError, find_headers
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
@@ -181,8 +181,11 @@ class TraceSession:
         for backend in order:
             plan = plan_backend(backend, facts.kallsyms, facts.btf, facts.kprobes_available)
             if not plan.usable:
-                why = "; ".join(f"{p}: {c.reason}" for p, c in plan.probes.items()
-                                if not c.ok and p != "page_set_anon_rmap")
+                failed = {p: c.reason for p, c in plan.probes.items()
+                          if not c.ok and p != "page_set_anon_rmap"}
+                reasons = set(failed.values())
+                why = (reasons.pop() if len(reasons) == 1 else
+                       "; ".join(f"{p}: {r}" for p, r in failed.items()))
                 self.attempts.append(Attempt(backend, False, why))
                 continue
             try:
@@ -244,6 +247,10 @@ class TraceSession:
         except Exception as exc:  # BCC raises bare Exception on load errors
             detail = _last_line(str(exc)) or type(exc).__name__
             hint = _verifier_hint(captured[0] if captured else "")
+            if "Operation not permitted" in detail + hint and os.geteuid() == 0:
+                # BCC words EPERM as "Need super-user privileges" even for root.
+                detail = ("the kernel refused to load the program (EPERM) although we are "
+                          "root: lockdown or an LSM forbids this program type")
             raise _AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
@@ -339,10 +346,28 @@ class TraceSession:
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out["perf_lost"] = self._perf_lost
         out["undecodable"] = self._decode_errors
+        out["recursion_misses"] = self._recursion_misses()
         return out
 
+    def _recursion_misses(self) -> int:
+        """Program runs the kernel skipped because the program was already
+        running on that CPU (bpf_prog_info.recursion_misses, v5.12+), read
+        from each program fd's fdinfo."""
+        total = 0
+        if self._bpf is None:
+            return 0
+        for fn in list(getattr(self._bpf, "funcs", {}).values()):
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError, AttributeError):
+                continue
+        return total
+
     def lost_total(self) -> int:
-        return sum(self.lost().values())
+        return lost_total(self.lost())
 
     def iter_events(self, should_stop: Callable[[], bool], timeout_ms: int = 100
                     ) -> Iterator[Event]:

@@ -89,7 +89,10 @@ class Kallsyms:
 
 def read_lockdown(env: KernelEnv) -> str:
     """The active lockdown mode ('none', 'integrity', 'confidentiality'),
-    or 'unknown' where securityfs does not expose it."""
+    or 'unknown' where securityfs does not expose it. Mounts securityfs
+    where it is missing (systemd mounts it; minimal images do not)."""
+    if not env.lockdown.exists() and env.lockdown == Path("/sys/kernel/security/lockdown"):
+        os.system("mount -t securityfs securityfs /sys/kernel/security 2>/dev/null")
     try:
         text = env.lockdown.read_text()
     except OSError:

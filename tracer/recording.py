@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from tracer.events import WIRE, Event, decode
+from tracer.events import WIRE, Event, decode_many
 
 MAGIC = b"ANONTRACE\x00REC"
 FORMAT_VERSION = 1
@@ -110,6 +110,7 @@ class RecordingReader:
 
     def frames(self) -> Iterator[Frame]:
         data, pos = self._data, self._start
+        view = memoryview(data)
         while pos < len(data):
             if pos + FRAME.size > len(data):
                 raise RecordingError(self.path, pos, "truncated frame header")
@@ -119,19 +120,17 @@ class RecordingReader:
                 raise RecordingError(self.path, pos, f"corrupt frame (type {kind})")
             if body + length > len(data):
                 raise RecordingError(self.path, pos, "truncated frame")
-            payload = data[body:body + length]
             if kind == EVENTS:
                 if length % WIRE.size:
                     raise RecordingError(self.path, pos, "event frame of a partial record")
                 try:
-                    events = [decode(payload[i:i + WIRE.size])
-                              for i in range(0, length, WIRE.size)]
+                    events = decode_many(view[body:body + length])
                 except ValueError as exc:
                     raise RecordingError(self.path, pos, f"corrupt event ({exc})") from exc
                 yield Frame(kind, pos, events=events)
             else:
                 try:
-                    meta = json.loads(payload)
+                    meta = json.loads(data[body:body + length])
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise RecordingError(self.path, pos, f"corrupt frame ({exc})") from exc
                 yield Frame(kind, pos, meta=meta)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import Event
+from tracer.events import Event, lost_total
 from tracer.model import Model
 from tracer.procs import proc_comm, proc_ppid, require_pids
 from tracer.recording import END, EVENTS, TICK, RecordingError, RecordingReader, RecordingWriter
@@ -180,7 +180,7 @@ def _tick(tracker: Tracker, session: Any, emit: Emit, writer: RecordingWriter | 
           final: bool, exit_status: int = 0) -> None:
     when = time.time()
     lost = session.lost()
-    total = sum(lost.values())
+    total = lost_total(lost)
     if writer is not None:
         meta = {"time": when, "lost": lost}
         if final:
@@ -210,7 +210,7 @@ def run_replay(path: Path, emit: Emit) -> int:
                 continue
             meta = frame.meta or {}
             last_time = float(meta.get("time", last_time))
-            last_lost = sum(int(v) for v in meta.get("lost", {}).values())
+            last_lost = lost_total(meta.get("lost", {}))
             if frame.kind == TICK:
                 emit(tracker.report(last_time, last_lost, final=False))
             elif frame.kind == END:
