@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from tracer.bpf_source import MAIN_PROGRAM, BuildOptions, cflags
+from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, cflags
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import LOSS_COUNTERS, Event, decode, lost_total
+from tracer.events import LOSS_COUNTERS, WIRE, Event, Kind, Site, decode, lost_total
 from tracer.headers import Headers, HeadersError, find_headers
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
@@ -297,6 +298,39 @@ class TraceSession:
         else:
             table.open_perf_buffer(on_event, page_cnt=256, lost_cb=on_lost)
 
+    # -- census ----------------------------------------------------------
+    def census(self, pids: tuple[int, ...]) -> tuple[bytes, str | None]:
+        """The anon_vma facts of every VMA the given (already running)
+        processes hold now, read with a task_vma BPF iterator.
+
+        Returns the raw census records (wire format, ending with a
+        completion marker), or no records and the reason the kernel would
+        not run the iterator.
+        """
+        assert self.facts is not None and self.facts.layout is not None and self.plan
+        bcc = import_bcc()
+        flags = cflags(self.plan, self.facts.layout, self._build_options(self.plan)) + ["-w"]
+        captured: list[str] = []
+        prog = None
+        try:
+            with _captured_stderr(captured):
+                prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
+                fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
+            table = prog[b"census_tgids"]
+            for pid in pids:
+                table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            raw = _read_iterator(bcc, fn.fd)
+        except Exception as exc:  # BCC raises bare Exception on load errors
+            msg = _last_line(str(exc)) or type(exc).__name__
+            if "Operation not permitted" in msg + (captured[0] if captured else ""):
+                msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
+            return b"", msg
+        finally:
+            if prog is not None:
+                prog.cleanup()
+        usable = len(raw) - len(raw) % WIRE.size
+        return raw[:usable] + _census_marker(time.monotonic_ns()), None
+
     # -- running ---------------------------------------------------------
     def add_pid(self, pid: int) -> None:
         """Start tracing another process (and, if following, its descendants)."""
@@ -378,6 +412,41 @@ class TraceSession:
 
 class _AttachFailed(Exception):
     pass
+
+
+def _read_iterator(bcc: Any, prog_fd: int) -> bytes:
+    """Attach a BPF iterator program, read its output to the end."""
+    lib = bcc.libbcc.lib
+    lib.bcc_iter_attach.restype = ctypes.c_int
+    lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+    lib.bcc_iter_create.restype = ctypes.c_int
+    lib.bcc_iter_create.argtypes = [ctypes.c_int]
+    link = lib.bcc_iter_attach(prog_fd, None, 0)
+    if link < 0:
+        raise OSError(-link, f"cannot attach the iterator: {os.strerror(-link)}")
+    try:
+        fd = lib.bcc_iter_create(link)
+        if fd < 0:
+            raise OSError(-fd, f"cannot create the iterator: {os.strerror(-fd)}")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+    finally:
+        os.close(link)
+
+
+def _census_marker(ts: int) -> bytes:
+    """The record that says a census is complete (vma == 0)."""
+    fields = [0] * 24
+    fields[0] = ts
+    fields[13] = int(Kind.CENSUS_VMA)
+    fields[21] = int(Site.NONE)
+    fields[23] = b"census"
+    return WIRE.pack(*fields)
 
 
 @contextlib.contextmanager

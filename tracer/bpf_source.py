@@ -9,6 +9,7 @@ from tracer.probes import METHOD_CODES, Plan
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf_programs"
 MAIN_PROGRAM = BPF_DIR / "anontrace.bpf.c"
+CENSUS_PROGRAM = BPF_DIR / "census.bpf.c"
 
 
 @dataclass(frozen=True)
@@ -79,4 +80,5 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     d["FILTER_MAX"] = opts.filter_max
     d["MAX_DEPTH"] = opts.max_depth
     d["MAX_CHAIN"] = opts.max_chain
-    return [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())]
+    return ([f"-I{BPF_DIR}"] +
+            [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

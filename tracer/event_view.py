@@ -8,6 +8,7 @@ _NAMES = {
     Kind.PAGE_SET_ANON_RMAP: "rmap", Kind.AV_ALLOC: "av+", Kind.AV_FREE: "av-",
     Kind.AVC_ALLOC: "avc+", Kind.AVC_FREE: "avc-", Kind.PROC_FORK: "proc-fork",
     Kind.PROC_EXEC: "proc-exec", Kind.PROC_EXIT: "proc-exit", Kind.SYNC: "sync",
+    Kind.CENSUS_VMA: "census",
 }
 
 

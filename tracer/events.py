@@ -23,6 +23,7 @@ class Kind(enum.IntEnum):
     PROC_EXEC = 10
     PROC_EXIT = 11
     SYNC = 12  # derived backend: a task's pending operation ended (syscall exit)
+    CENSUS_VMA = 13  # a VMA that existed when tracing began; vma == 0: census complete
 
 
 class Site(enum.IntEnum):

@@ -8,11 +8,33 @@ the child has a pid: KERNEL-NOTES section 4).
 Lost or missing events never crash it or drive a count negative: the state is
 marked partial, with the reason, and later events overwrite stale records
 (pointer reuse, PID reuse, a missed free).
+
+Storage (about 235 bytes per live anon_vma with its VMA, see
+bench/model_memory.py): no object per anon_vma or per VMA.
+
+* anon_vmas: a dict anon_vma pointer -> int whose low 32 bits are a small id,
+  and ``array`` columns indexed by id (pointer, parent and root pointers, the
+  mm it was created for, depth, live children, active VMAs, creation serial,
+  whether the parent is linked). Ids of freed anon_vmas are reused.
+* VMAs: per mm, a dict VMA pointer -> one packed int, ``id | chain << 32``
+  (id ``NO_AV`` when the VMA has no anon_vma). When an event creates (or
+  first learns) an anon_vma, the anon_vmas dict keeps the very int object its
+  VMA entry holds, so the common one-VMA anon_vma pays for one int.
+* Dict keys are the pointers decoded from the events (no copies).
+
+Read it through :meth:`Model.anon_vma_info`, :attr:`Model.anon_vmas`,
+:meth:`Model.vma_info`, :meth:`Model.mm_vmas` and :attr:`Model.vmas`.
+VMA pointers are looked up in the event's mm only: a VMA pointer reused by
+another mm while its unlink_anon_vmas event was lost stays, stale, in the old
+mm until that mm goes (only after lost events, which already mark the state
+partial).
 """
 from __future__ import annotations
 
+from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind
 
@@ -20,46 +42,52 @@ MAX_RETIRED = 100_000  # exited processes kept for the final report
 PROBE_INDEX = {kind: i for i, kind in enumerate(LOGICAL_KINDS)}
 PROBE_NAMES = tuple(LOGICAL_KINDS.values())
 
-
-class AnonVma:
-    """A live anon_vma. ``parent``/``root`` are objects when known, else the
-    raw pointer (an ancestor allocated before tracing began), else None."""
-
-    __slots__ = ("ptr", "parent", "root", "depth", "children", "active", "mm")
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-        self.parent: AnonVma | int | None = None
-        self.root: AnonVma | int | None = None
-        self.depth = 0          # 0: not known yet
-        self.children = 0       # live child anon_vmas (the root's self-link excluded)
-        self.active = 0         # VMAs whose vma->anon_vma is this one
-        self.mm: Mm | None = None  # the mm it was created for
+_ID = 0xFFFF_FFFF              # low 32 bits of a packed value: the anon_vma id
+NO_AV = _ID                    # the id of "no anon_vma" in a VMA's packed value
+_CHAIN = 32                    # packed VMA value: id | chain << _CHAIN
+_REUSED = "an anon_vma free was missed (pointer reused)"
+CENSUS_MISSING_REASON = "no census of pre-existing VMAs"
+_PREEXISTING = ("processes running before tracing began: anon_vmas of their VMAs that no "
+                "event touched since are unknown")
 
 
-class Vma:
+@dataclass(frozen=True, slots=True)
+class AnonVmaInfo:
+    """What the model knows of one live anon_vma (a snapshot)."""
+
+    ptr: int
+    parent: int | None    # parent's pointer; None: a root, or not known yet
+    parent_live: bool     # the parent is the live anon_vma at ``parent``, which
+                          # counts this one among its children (False for a
+                          # parent allocated before tracing, or freed since)
+    root: int | None      # root's pointer (itself for a root); None: not known yet
+    depth: int            # 0: not known yet
+    children: int         # live child anon_vmas (the root's self-link excluded)
+    active: int           # VMAs whose vma->anon_vma is this one
+    mm: int | None        # pointer of the mm it was created for; None: unknown
+    serial: int           # creation number: same ptr and serial, same anon_vma
+
+
+class VmaInfo(NamedTuple):
     """A VMA that has (or had) an anon_vma."""
 
-    __slots__ = ("ptr", "mm", "start", "end", "anon_vma", "chain")
-
-    def __init__(self, ptr: int, mm: "Mm") -> None:
-        self.ptr = ptr
-        self.mm = mm
-        self.start = 0
-        self.end = 0
-        self.anon_vma: AnonVma | None = None
-        self.chain = 0
+    anon_vma: int | None  # pointer of vma->anon_vma; None: none (or detached)
+    chain: int            # anon_vma_chain entries
+    mm: int               # the mm pointer
 
 
 class Mm:
-    """An address space, its VMAs and the probe events attributed to it."""
+    """An address space, its VMAs and the probe events attributed to it.
+
+    ``vmas`` is internal (VMA pointer -> packed value): read it
+    through :meth:`Model.mm_vmas`."""
 
     __slots__ = ("ptr", "tgid", "vmas", "events")
 
     def __init__(self, ptr: int) -> None:
         self.ptr = ptr
         self.tgid = 0
-        self.vmas: dict[int, Vma] = {}
+        self.vmas: dict[int, int] = {}
         self.events = [0, 0, 0, 0]
 
 
@@ -90,13 +118,48 @@ class ProcessFigures:
     events: dict[str, int]
 
 
+class _AnonVmaView(Mapping):
+    """Read-only mapping anon_vma pointer -> AnonVmaInfo (snapshots)."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, model: "Model") -> None:
+        self._m = model
+
+    def __getitem__(self, ptr: int) -> AnonVmaInfo:
+        info = self._m.anon_vma_info(ptr)
+        if info is None:
+            raise KeyError(ptr)
+        return info
+
+    def __contains__(self, ptr: object) -> bool:
+        return ptr in self._m._avs
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._m._avs))
+
+    def __len__(self) -> int:
+        return len(self._m._avs)
+
+
 class Model:
     """Apply events with :meth:`apply`; read figures with :meth:`figures`,
     :meth:`totals` and :attr:`processes`."""
 
     def __init__(self, ppid_of: Callable[[int], int] | None = None) -> None:
-        self.anon_vmas: dict[int, AnonVma] = {}
-        self.vmas: dict[int, Vma] = {}
+        self._avs: dict[int, int] = {}   # anon_vma pointer -> packed (low bits: id)
+        # columns, indexed by anon_vma id
+        self._ptr = array("Q")
+        self._parent = array("Q")
+        self._root = array("Q")
+        self._avmm = array("Q")
+        self._depth = array("I")
+        self._children = array("I")
+        self._active = array("I")
+        self._serial = array("I")
+        self._plink = array("B")
+        self._free: list[int] = []       # ids of freed anon_vmas
+        self._serials = 0
         self.mms: dict[int, Mm] = {}
         self.processes: dict[int, Process] = {}
         self.exited: list[Process] = []   # left the process table since the last report
@@ -120,7 +183,10 @@ class Model:
             Kind.PROC_EXEC: self._proc_exec,
             Kind.PROC_EXIT: self._proc_exit,
             Kind.SYNC: self._ignore,
+            Kind.CENSUS_VMA: self._census,
         }
+        for kind in Kind:   # kinds the model has no use for (never raise on data)
+            self._dispatch.setdefault(kind, self._ignore)
 
     # -- input ------------------------------------------------------------
     def add_process(self, pid: int, comm: str, ppid: int = 0, preexisting: bool = False
@@ -130,9 +196,7 @@ class Model:
         proc = self.processes[pid] = Process(pid, ppid or self._ppid_of(pid), comm,
                                              preexisting=preexisting)
         if preexisting:
-            self._reasons.add(
-                "processes running before tracing began: anon_vmas of their VMAs that no "
-                "event touched since are unknown")
+            self._reasons.add(_PREEXISTING)
         return proc
 
     def apply(self, ev: Event) -> None:
@@ -141,8 +205,15 @@ class Model:
         self._dispatch[ev.kind](ev)
 
     def apply_all(self, events: Iterable[Event]) -> None:
-        for ev in events:
-            self.apply(ev)
+        """Apply events in order (faster than :meth:`apply` one by one)."""
+        dispatch = self._dispatch
+        n = 0
+        try:
+            for ev in events:
+                n += 1
+                dispatch[ev.kind](ev)
+        finally:
+            self.events_applied += n
 
     def add_reason(self, reason: str) -> None:
         """Mark the state partial for a reason found outside the event stream."""
@@ -165,6 +236,57 @@ class Model:
     def partial(self) -> bool:
         return bool(self._reasons) or self.lost_events > 0
 
+    # -- read API ---------------------------------------------------------
+    @property
+    def anon_vmas(self) -> Mapping[int, AnonVmaInfo]:
+        """The live anon_vmas: a read-only mapping pointer -> AnonVmaInfo."""
+        return _AnonVmaView(self)
+
+    def anon_vma_info(self, ptr: int) -> AnonVmaInfo | None:
+        """A snapshot of the live anon_vma at ``ptr``; None if none is tracked."""
+        v = self._avs.get(ptr)
+        if v is None:
+            return None
+        return self._info(v & _ID)
+
+    def _info(self, i: int) -> AnonVmaInfo:
+        return AnonVmaInfo(ptr=self._ptr[i], parent=self._parent[i] or None,
+                           parent_live=bool(self._plink[i]), root=self._root[i] or None,
+                           depth=self._depth[i], children=self._children[i],
+                           active=self._active[i], mm=self._avmm[i] or None,
+                           serial=self._serial[i])
+
+    def _vma_info(self, mm_ptr: int, v: int) -> VmaInfo:
+        i = v & _ID
+        return VmaInfo(None if i == NO_AV else self._ptr[i], v >> _CHAIN, mm_ptr)
+
+    def vma_info(self, mm_ptr: int, vma_ptr: int) -> VmaInfo | None:
+        """The VMA ``vma_ptr`` of the mm ``mm_ptr``; None if not tracked."""
+        mm = self.mms.get(mm_ptr)
+        v = mm.vmas.get(vma_ptr) if mm is not None else None
+        return None if v is None else self._vma_info(mm_ptr, v)
+
+    def mm_vmas(self, mm: "Mm | int") -> dict[int, VmaInfo]:
+        """The tracked VMAs of an mm (object or pointer): VMA pointer -> VmaInfo."""
+        if isinstance(mm, int):
+            found = self.mms.get(mm)
+            if found is None:
+                return {}
+            mm = found
+        return {k: self._vma_info(mm.ptr, v) for k, v in mm.vmas.items()}
+
+    @property
+    def vmas(self) -> dict[int, VmaInfo]:
+        """Every tracked VMA, VMA pointer -> VmaInfo (a new dict: for tests and
+        debugging, O(VMAs))."""
+        out: dict[int, VmaInfo] = {}
+        for mm in self.mms.values():
+            out.update(self.mm_vmas(mm))
+        return out
+
+    def vma_count(self) -> int:
+        return sum(len(mm.vmas) for mm in self.mms.values())
+
     # -- objects ----------------------------------------------------------
     def _mm(self, ptr: int) -> Mm:
         mm = self.mms.get(ptr)
@@ -179,9 +301,7 @@ class Model:
             # fork event was lost.
             proc = self.processes[tgid] = Process(tgid, self._ppid_of(tgid), comm,
                                                   preexisting=True)
-            self._reasons.add(
-                "processes running before tracing began: anon_vmas of their VMAs that no "
-                "event touched since are unknown")
+            self._reasons.add(_PREEXISTING)
         return proc
 
     def _own(self, mm: Mm, tgid: int, comm: str) -> None:
@@ -198,122 +318,272 @@ class Model:
             if mm not in proc.mms:
                 proc.mms.append(mm)
 
-    def _anon_vma(self, ev: Event, mm: Mm | None) -> AnonVma:
-        """The anon_vma an event's facts describe, created or refreshed."""
-        ptr = ev.anon_vma
-        av = self.anon_vmas.get(ptr)
-        parent_ptr = ev.parent
-        if av is not None and av.depth and ev.depth and av.depth != ev.depth:
-            # Same pointer, another object: its free was lost (slab reuse).
-            self.anomalies += 1
-            self._reasons.add("an anon_vma free was missed (pointer reused)")
-            self._drop_av(av)
-            av = None
-        if av is None:
-            av = self.anon_vmas[ptr] = AnonVma(ptr)
-        if av.mm is None:
-            av.mm = mm
-        if not av.depth and ev.depth:
-            av.depth = ev.depth
-            if parent_ptr and parent_ptr != ptr:
-                parent = self.anon_vmas.get(parent_ptr)
-                if parent is not None:
-                    parent.children += 1
-                    av.parent = parent
-                else:
-                    av.parent = parent_ptr
-            root = self.anon_vmas.get(ev.root)
-            av.root = root if root is not None else (ev.root or None)
-        return av
+    def _new_av(self, ptr: int) -> int:
+        """A fresh anon_vma record (all columns zero but ptr and serial)."""
+        if self._free:
+            i = self._free.pop()
+            self._ptr[i] = ptr
+            self._serial[i] = self._serials
+        else:
+            i = len(self._ptr)
+            self._ptr.append(ptr)
+            self._serial.append(self._serials)
+            for col in (self._parent, self._root, self._avmm, self._depth, self._children,
+                        self._active, self._plink):
+                col.append(0)
+        self._serials = (self._serials + 1) & _ID
+        self._avs[ptr] = i
+        return i
 
-    def _drop_av(self, av: AnonVma) -> None:
-        if self.anon_vmas.get(av.ptr) is av:
-            del self.anon_vmas[av.ptr]
-        parent = av.parent
-        if isinstance(parent, AnonVma) and parent.children > 0:
-            parent.children -= 1
-        if av.active:
+    def _learn_av(self, ev: Event, mm_ptr: int, chain: int) -> int:
+        """The anon_vma an event's facts describe, created or refreshed.
+        Returns ``id | chain << 32``, the packed value of a VMA pointing at it
+        (chain < 0: just the id)."""
+        ptr = ev.anon_vma
+        d = ev.depth
+        v = self._avs.get(ptr)
+        depth = self._depth
+        if v is not None:
+            i = v & _ID
+            if depth[i] and d and depth[i] != d:
+                # Same pointer, another object: its free was lost (slab reuse).
+                self.anomalies += 1
+                self._reasons.add(_REUSED)
+                self._drop_av(i)
+                v = None
+        share = v is None
+        if v is None:
+            i = self._new_av(ptr)
+        if not self._avmm[i] and mm_ptr:
+            self._avmm[i] = mm_ptr
+            share = True          # its first VMA (after an AV_ALLOC)
+        if not depth[i] and d:
+            share = True
+            depth[i] = d
+            parent_ptr = ev.parent
+            if parent_ptr and parent_ptr != ptr:
+                self._parent[i] = parent_ptr
+                pv = self._avs.get(parent_ptr)
+                if pv is not None:
+                    self._children[pv & _ID] += 1
+                    self._plink[i] = 1
+            self._root[i] = ev.root
+        if chain < 0:
+            return i
+        packed = i | chain << _CHAIN
+        if share:
+            self._avs[ptr] = packed   # the same int object as the VMA's entry
+        return packed
+
+    def _drop_av(self, i: int) -> None:
+        """Forget the anon_vma with id ``i`` (freed, or replaced)."""
+        ptr = self._ptr[i]
+        v = self._avs.get(ptr)
+        if v is not None and v & _ID == i:
+            del self._avs[ptr]
+        if self._plink[i]:
+            pv = self._avs.get(self._parent[i])
+            if pv is not None and self._children[pv & _ID] > 0:
+                self._children[pv & _ID] -= 1
+        if self._children[i]:
+            # Children outlive it: they keep its pointer, no longer linked (a
+            # new anon_vma at this pointer is not their parent).
+            n, j, parents, plink = self._children[i], 0, self._parent, self._plink
+            while n:
+                try:
+                    j = parents.index(ptr, j)
+                except ValueError:
+                    break
+                if plink[j] and j != i:
+                    plink[j] = 0
+                    n -= 1
+                j += 1
+        if self._active[i]:
             # VMAs still point at it: a teardown event was lost. Detach them.
             self.anomalies += 1
-            for vma in self.vmas.values():
-                if vma.anon_vma is av:
-                    vma.anon_vma = None
-            av.active = 0
+            self._detach_vmas(i)
+        for col in (self._ptr, self._parent, self._root, self._avmm, self._depth,
+                    self._children, self._active, self._plink):
+            col[i] = 0
+        self._free.append(i)
+
+    def _detach_vmas(self, i: int) -> None:
+        n = self._active[i]
+        first = self.mms.get(self._avmm[i])
+        mms = [first] if first is not None else []
+        mms += [mm for mm in self.mms.values() if mm is not first]
+        for mm in mms:
+            vmas = mm.vmas
+            for k, v in vmas.items():
+                if v & _ID == i:
+                    vmas[k] = NO_AV | (v >> _CHAIN) << _CHAIN
+                    n -= 1
+                    if not n:
+                        break
+            if not n:
+                break
+        self._active[i] = 0
 
     # -- handlers ---------------------------------------------------------
     def _ignore(self, ev: Event) -> None:
         pass
 
     def _vma_event(self, ev: Event) -> None:
-        self._learn_vma(ev)
-        idx = PROBE_INDEX[ev.kind]
-        if ev.mm:
-            self._mm(ev.mm).events[idx] += 1
+        """anon_vma_fork, anon_vma_clone, page_set_anon_rmap: count the probe
+        event for its mm and learn the VMA (see :meth:`_vma`, inlined here:
+        these are most of the events)."""
+        mm_ptr = ev.mm
+        if not mm_ptr:
+            return
+        mm = self.mms.get(mm_ptr)
+        if mm is None:
+            mm = self.mms[mm_ptr] = Mm(mm_ptr)
+        mm.events[PROBE_INDEX[ev.kind]] += 1
+        vma = ev.vma
+        if not vma:
+            return
+        tgid = ev.tgid
+        if tgid and ev.cur_mm == mm_ptr and (mm.tgid != tgid or (
+                (proc := self.processes.get(tgid)) is not None and proc.mm is not mm)):
+            self._own(mm, tgid, ev.comm)
+        chain = ev.chain_len
+        av = ev.anon_vma
+        if av:
+            v = self._avs.get(av)
+            if v is not None:
+                i = v & _ID
+                dd = self._depth[i]
+                d = ev.depth
+                if dd and (dd == d or not d) and self._avmm[i]:
+                    new = i | chain << _CHAIN      # known, consistent: the common case
+                else:
+                    new = self._learn_av(ev, mm_ptr, chain)
+                    i = new & _ID
+            else:
+                new = self._learn_av(ev, mm_ptr, chain)
+                i = new & _ID
+        else:
+            i = NO_AV
+            new = NO_AV | chain << _CHAIN
+        vmas = mm.vmas
+        old = vmas.get(vma)
+        if old is None:
+            vmas[vma] = new
+            if i != NO_AV:
+                self._active[i] += 1
+        elif old != new:
+            vmas[vma] = new
+            j = old & _ID
+            if j != i:
+                active = self._active
+                if j != NO_AV and active[j] > 0:
+                    active[j] -= 1
+                if i != NO_AV:
+                    active[i] += 1
+
+    def _vma(self, ev: Event, mm: Mm) -> None:
+        """Learn a VMA (and its anon_vma) from an event with mm and vma set."""
+        if ev.cur_mm == mm.ptr:
+            tgid = ev.tgid
+            if tgid and mm.tgid != tgid:
+                self._own(mm, tgid, ev.comm)
+            elif tgid:
+                proc = self.processes.get(tgid)
+                if proc is not None and proc.mm is not mm:
+                    self._own(mm, tgid, ev.comm)
+        chain = ev.chain_len
+        av = ev.anon_vma
+        if av:
+            v = self._avs.get(av)
+            i = -1
+            if v is not None:
+                i = v & _ID
+                dd = self._depth[i]
+                d = ev.depth
+                if not dd or (d and d != dd) or not self._avmm[i]:
+                    i = -1
+            if i < 0:
+                new = self._learn_av(ev, mm.ptr, chain)
+                i = new & _ID
+            else:
+                new = i | chain << _CHAIN
+        else:
+            i = NO_AV
+            new = NO_AV | chain << _CHAIN
+        # read after _learn_av: dropping a reused anon_vma detaches its VMAs
+        key = ev.vma
+        vmas = mm.vmas
+        old = vmas.get(key)
+        if old is None:
+            vmas[key] = new
+            if i != NO_AV:
+                self._active[i] += 1
+        elif old != new:
+            vmas[key] = new
+            j = old & _ID
+            if j != i:
+                active = self._active
+                if j != NO_AV and active[j] > 0:
+                    active[j] -= 1
+                if i != NO_AV:
+                    active[i] += 1
+
+    def _census(self, ev: Event) -> None:
+        if ev.vma:
+            self._avc_alloc(ev)   # the same VMA facts, read by the iterator
+        else:
+            # The census of the processes running before tracing began is
+            # complete: their VMAs are known.
+            self._reasons.discard(_PREEXISTING)
 
     def _avc_alloc(self, ev: Event) -> None:
         # Derived (tracepoint) backend: the chain entry's VMA, read once the
         # operation finished. Other backends carry only the pointer.
         if ev.vma and ev.mm:
-            self._learn_vma(ev)
+            self._vma(ev, self._mm(ev.mm))
 
-    def _learn_vma(self, ev: Event) -> None:
-        if not ev.vma or not ev.mm:
-            return
-        mm = self._mm(ev.mm)
-        if ev.cur_mm == ev.mm and ev.tgid:
-            self._own(mm, ev.tgid, ev.comm)
-        vma = self.vmas.get(ev.vma)
-        if vma is not None and vma.mm is not mm:
-            # The VMA pointer was freed and reused by another mm.
-            self._forget_vma(vma)
-            vma = None
-        if vma is None:
-            vma = self.vmas[ev.vma] = Vma(ev.vma, mm)
-            mm.vmas[ev.vma] = vma
-        vma.start, vma.end, vma.chain = ev.vm_start, ev.vm_end, ev.chain_len
-        av = self._anon_vma(ev, mm) if ev.anon_vma else None
-        if vma.anon_vma is not av:
-            if vma.anon_vma is not None and vma.anon_vma.active > 0:
-                vma.anon_vma.active -= 1
-            if av is not None:
-                av.active += 1
-            vma.anon_vma = av
-
-    def _forget_vma(self, vma: Vma) -> None:
-        self.vmas.pop(vma.ptr, None)
-        vma.mm.vmas.pop(vma.ptr, None)
-        if vma.anon_vma is not None and vma.anon_vma.active > 0:
-            vma.anon_vma.active -= 1
-        vma.anon_vma = None
+    def _forget_vma(self, vmas: dict[int, int], key: int) -> bool:
+        v = vmas.pop(key, None)
+        if v is None:
+            return False
+        i = v & _ID
+        if i != NO_AV and self._active[i] > 0:
+            self._active[i] -= 1
+        return True
 
     def _unlink(self, ev: Event) -> None:
+        key = ev.vma
         if ev.mm:
-            self._mm(ev.mm).events[PROBE_INDEX[Kind.UNLINK_ANON_VMAS]] += 1
-        vma = self.vmas.get(ev.vma)
-        if vma is not None:
-            self._forget_vma(vma)
+            mm = self._mm(ev.mm)
+            mm.events[PROBE_INDEX[Kind.UNLINK_ANON_VMAS]] += 1
+            self._forget_vma(mm.vmas, key)
+        elif ev.vma:
+            # No mm (never seen from the BPF side): the VMA in any mm.
+            for mm in self.mms.values():
+                if self._forget_vma(mm.vmas, key):
+                    break
 
     def _av_alloc(self, ev: Event) -> None:
         if not ev.anon_vma:
             return
-        old = self.anon_vmas.get(ev.anon_vma)
+        old = self._avs.get(ev.anon_vma)
         if old is not None:
             # Allocated again while we think it lives: its free was missed
             # (e.g. freed by an untraced task).
             self.anomalies += 1
-            self._reasons.add("an anon_vma free was missed (pointer reused)")
-            self._drop_av(old)
+            self._reasons.add(_REUSED)
+            self._drop_av(old & _ID)
         # The mm it is created for is the VMA's, learned with the VMA: a
         # fork allocates in the parent's context (KERNEL-NOTES section 4).
         if ev.depth:
-            self._anon_vma(ev, None)   # derived backend: facts already read
+            self._learn_av(ev, 0, -1)   # derived backend: facts already read
         else:
-            self.anon_vmas[ev.anon_vma] = AnonVma(ev.anon_vma)
+            self._new_av(ev.anon_vma)
 
     def _av_free(self, ev: Event) -> None:
-        av = self.anon_vmas.get(ev.anon_vma)
-        if av is not None:
-            self._drop_av(av)
+        v = self._avs.get(ev.anon_vma)
+        if v is not None:
+            self._drop_av(v & _ID)
 
     def _proc_fork(self, ev: Event) -> None:
         if ev.flags & F_THREAD:
@@ -363,26 +633,37 @@ class Model:
         (for an exited process, as they were when its exit was seen)."""
         if not proc.alive and proc.at_exit is not None:
             return proc.at_exit
-        vmas = list(proc.mm.vmas.values()) if proc.mm is not None else []
-        avs = {id(v.anon_vma): v.anon_vma for v in vmas if v.anon_vma is not None}
+        ids: set[int] = set()
+        chains = max_chain = 0
+        if proc.mm is not None:
+            for v in proc.mm.vmas.values():
+                c = v >> _CHAIN
+                chains += c
+                if c > max_chain:
+                    max_chain = c
+                ids.add(v & _ID)
+            ids.discard(NO_AV)
         events = [0, 0, 0, 0]
         for mm in proc.mms:
             for i, n in enumerate(mm.events):
                 events[i] += n
+        depth, children = self._depth, self._children
         return ProcessFigures(
-            anon_vmas=len(avs),
-            anon_vma_chains=sum(v.chain for v in vmas),
-            max_depth=max((a.depth for a in avs.values()), default=0),
-            max_degree=max((a.children for a in avs.values()), default=0),
-            max_chain=max((v.chain for v in vmas), default=0),
+            anon_vmas=len(ids),
+            anon_vma_chains=chains,
+            max_depth=max((depth[i] for i in ids), default=0),
+            max_degree=max((children[i] for i in ids), default=0),
+            max_chain=max_chain,
             events=dict(zip(PROBE_NAMES, events)))
 
     def totals(self) -> dict[str, int]:
         """System (traced-scope) totals."""
+        active = self._active
         return {
-            "anon_vmas": len(self.anon_vmas),
-            "anon_vma_chains": sum(v.chain for v in self.vmas.values()),
-            "orphaned_anon_vmas": sum(1 for a in self.anon_vmas.values() if a.active == 0),
+            "anon_vmas": len(self._avs),
+            "anon_vma_chains": sum(v >> _CHAIN for mm in self.mms.values()
+                                   for v in mm.vmas.values()),
+            "orphaned_anon_vmas": sum(1 for v in self._avs.values() if not active[v & _ID]),
         }
 
     def take_exited(self) -> list[Process]:

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import Event, lost_total
-from tracer.model import Model
+from tracer.events import Event, decode_many, lost_total
+from tracer.model import CENSUS_MISSING_REASON, Model
 from tracer.procs import proc_comm, proc_ppid, require_pids
 from tracer.recording import END, EVENTS, TICK, RecordingError, RecordingReader, RecordingWriter
 from tracer.report import build_report
@@ -46,12 +46,15 @@ class RunSpec:
 class Tracker:
     """The model plus report pacing, fed with decoded (derived) events."""
 
-    def __init__(self, backend: str, processes: list[dict[str, Any]]) -> None:
+    def __init__(self, backend: str, processes: list[dict[str, Any]],
+                 census_missing: str | None = None) -> None:
         self.backend = backend
         self.model = Model()
         for p in processes:
             self.model.add_process(p["pid"], p["comm"], p.get("ppid", 0),
                                    preexisting=p.get("preexisting", False))
+        if census_missing:
+            self.model.add_reason(f"{CENSUS_MISSING_REASON}: {census_missing}")
 
     def feed(self, events: list[Event]) -> None:
         apply = self.model.apply
@@ -119,9 +122,13 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
         with TraceSession(opts) as session:
             assert session.plan is not None
             backend = session.plan.backend
-            tracker = Tracker(backend, processes)
+            census_raw, census_missing = b"", None
+            if spec.pids:
+                census_raw, census_missing = session.census(spec.pids)
+            tracker = Tracker(backend, processes, census_missing)
             if spec.record is not None:
                 writer = RecordingWriter(spec.record, {
+                    "census_missing": census_missing,
                     "kernel": os.uname().release, "backend": backend,
                     "transport": session.transport, "processes": processes,
                     "command": list(spec.command), "pids": list(spec.pids),
@@ -129,7 +136,9 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
                                for p, c in session.plan.probes.items()},
                     "offsets": session.facts.layout.offsets if session.facts and
                     session.facts.layout else {}})
+                writer.events(census_raw)
                 session.recorder = writer.events
+            tracker.feed(decode_many(census_raw))
             spec.on_start(backend)
             if go_fd is not None:
                 os.write(go_fd, b"go\n")
@@ -199,7 +208,7 @@ def run_replay(path: Path, emit: Emit) -> int:
         raise AnontraceError(str(exc)) from exc
     header = reader.header
     backend = str(header.get("backend", "unknown"))
-    tracker = Tracker(backend, list(header.get("processes", [])))
+    tracker = Tracker(backend, list(header.get("processes", [])), header.get("census_missing"))
     deriver = Deriver() if backend == "tracepoint" else None
     last_time, last_lost = 0.0, 0
     try:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -145,3 +146,54 @@ def test_unknown_pid_is_a_clear_error(backend) -> None:
     assert out.returncode != 0
     assert "no such process: 999999999" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _fentry_loads() -> bool:
+    from tracer.bpf_session import TraceOptions, TraceSession
+    from tracer.errors import AnontraceError
+
+    try:
+        with TraceSession(TraceOptions(backend="fentry", pids=(os.getpid(),))):
+            return True
+    except AnontraceError:
+        return False
+
+
+def test_census_of_running_processes(forkchain_bin, backend) -> None:
+    """-p on processes that were already running: a task_vma iterator reads
+    their VMAs, so the figures are exact from the first report. Kernels that
+    refuse TRACING programs (fentry) refuse the iterator too: the report then
+    says partial, and why."""
+    import select
+
+    family = subprocess.Popen([str(forkchain_bin), "3", "3", "touch"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, bufsize=0)
+    try:
+        assert family.stdin is not None and family.stdout is not None
+        msgs = [json.loads(family.stdout.readline())]
+        family.stdin.write(b"g")
+        family.stdin.flush()
+        while not (any(m["event"] == "ready" for m in msgs)
+                   and sum(m["event"] == "gen" for m in msgs) == 4):
+            assert select.select([family.stdout], [], [], 60)[0], msgs
+            msgs.append(json.loads(family.stdout.readline()))
+        gens = {m["gen"]: m["pid"] for m in msgs if m["event"] == "gen"}
+        args = [a for pid in gens.values() for a in ("-p", str(pid))] + ["-d", "1.5"]
+        run = start(args, backend, interval=0.5)
+        assert run.finish() == 0, run.stderr
+    finally:
+        family.stdin.close()
+        family.wait(timeout=60)
+    report = run.reports[-1]
+    by_pid = {p["pid"]: p for p in report["processes"]}
+    census_missing = [r for r in report["partial_reasons"] if r.startswith("no census")]
+    if census_missing:
+        assert not _fentry_loads(), census_missing
+        assert "refused" in census_missing[0]
+        assert report["partial"] is True
+        return
+    assert report["partial"] is False, report["partial_reasons"]
+    for g, pid in gens.items():
+        p = by_pid[pid]
+        assert (p["max_depth"], p["max_chain"]) == (g + 1, g + 1), p
+        assert p["anon_vmas"] > 0 and p["alive"] is True

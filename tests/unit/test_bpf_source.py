@@ -5,7 +5,7 @@ import pytest
 
 from tests.unit import kfix
 from tests.unit.test_probes import _three_arg_clone
-from tracer.bpf_source import MAIN_PROGRAM, BuildOptions, cflags
+from tracer.bpf_source import BPF_DIR, MAIN_PROGRAM, BuildOptions, cflags
 from tracer.layout import read_layout
 from tracer.probes import plan_backend
 
@@ -16,7 +16,8 @@ def defines(series: str, backend: str, opts: BuildOptions | None = None,
     plan = plan_backend(backend, kfix.kallsyms(series), b, kprobes)
     flags = cflags(plan, read_layout(b), opts or BuildOptions())
     out: dict[str, str | None] = {}
-    for f in flags:
+    assert flags[0] == f"-I{BPF_DIR}"  # anontrace_common.h
+    for f in flags[1:]:
         assert f.startswith("-D"), f
         k, sep, v = f[2:].partition("=")
         assert k not in out, f"{k} defined twice"
@@ -137,7 +138,7 @@ def test_three_arg_clone_define() -> None:
 def test_flags_are_sorted_and_program_exists() -> None:
     flags = cflags(plan_backend("tracepoint", kfix.kallsyms("6.18"), kfix.btf("6.18"), False),
                    read_layout(kfix.btf("6.18")), BuildOptions())
-    names = [f[2:].split("=")[0] for f in flags]
+    names = [f[2:].split("=")[0] for f in flags if f.startswith("-D")]
     assert names == sorted(names)
     assert MAIN_PROGRAM.is_file()
     src = MAIN_PROGRAM.read_text()

@@ -68,7 +68,7 @@ def test_short_record(n: int) -> None:
         decode(pack()[:n])
 
 
-@pytest.mark.parametrize("kw", [{"kind": 0}, {"kind": 13}, {"kind": 2**32 - 1},
+@pytest.mark.parametrize("kw", [{"kind": 0}, {"kind": 14}, {"kind": 2**32 - 1},
                                 {"site": 7}])
 def test_unknown_kind_or_site(kw: dict) -> None:
     with pytest.raises(ValueError, match="unknown event kind or site"):

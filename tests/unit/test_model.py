@@ -11,7 +11,7 @@ from tests.unit import kfix
 from tests.unit.family_shape import gen_mms
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
 from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind, Site
-from tracer.model import AnonVma, Model, Process
+from tracer.model import AnonVmaInfo, Model, Process, VmaInfo
 from tracer.report import build_report
 
 PRE_V616 = {"6.1", "6.12"}  # sched_process_exit after exit_mm(): mm gone at the exit event
@@ -39,13 +39,25 @@ class Family:
     def proc(self, g: int) -> Process:
         return self.model.processes[self.pids[g]]
 
-    def region_av(self, g: int, start: int) -> AnonVma:
+    def region_vma(self, g: int, start: int) -> VmaInfo:
+        """Generation g's VMA at ``start``: the one VMA of its mm in the model
+        that the events show at that address (the model keeps no addresses)."""
         proc = self.proc(g)
         assert proc.mm is not None
-        vmas = [v for v in proc.mm.vmas.values() if v.start == start]
-        assert len(vmas) == 1, (g, hex(start), len(vmas))
-        assert vmas[0].anon_vma is not None, (g, hex(start))
-        return vmas[0].anon_vma
+        mine = self.model.mm_vmas(proc.mm)
+        ptrs = {e.vma for e in self.events
+                if e.mm == proc.mm.ptr and e.vma and e.vm_start == start} & set(mine)
+        assert len(ptrs) == 1, (g, hex(start), len(ptrs))
+        ptr = ptrs.pop()
+        assert self.model.vma_info(proc.mm.ptr, ptr) == mine[ptr]
+        return mine[ptr]
+
+    def region_av(self, g: int, start: int) -> AnonVmaInfo:
+        vma = self.region_vma(g, start)
+        assert vma.anon_vma is not None, (g, hex(start))
+        av = self.model.anon_vma_info(vma.anon_vma)
+        assert av is not None, (g, hex(start))
+        return av
 
 
 @pytest.fixture(params=FAMILY_STREAMS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -94,19 +106,18 @@ def test_root_process_is_preexisting_so_state_is_partial(alive: Family) -> None:
 def test_region_anon_vmas_have_depth_and_chain_g_plus_1(alive: Family) -> None:
     for g in range(alive.G + 1):
         for start in alive.regions[g]:
-            proc = alive.proc(g)
-            assert proc.mm is not None
-            vma = next(v for v in proc.mm.vmas.values() if v.start == start)
-            assert vma.anon_vma is not None
-            assert vma.anon_vma.depth == g + 1, (g, hex(start))
+            vma = alive.region_vma(g, start)
+            av = alive.region_av(g, start)
+            assert av.depth == g + 1, (g, hex(start))
             assert vma.chain == g + 1, (g, hex(start))
-            assert vma.anon_vma.active == 1, (g, hex(start))
+            assert av.active == 1, (g, hex(start))
 
 
 def test_forked_anon_vmas_belong_to_the_child_mm(alive: Family) -> None:
     for g in range(1, alive.G + 1):
         for start in alive.regions[g]:
-            assert alive.region_av(g, start).mm is alive.proc(g).mm, (g, hex(start))
+            mm = alive.proc(g).mm
+            assert mm is not None and alive.region_av(g, start).mm == mm.ptr, (g, hex(start))
 
 
 def test_region_hierarchy_links_generation_to_generation(alive: Family) -> None:
@@ -115,12 +126,13 @@ def test_region_hierarchy_links_generation_to_generation(alive: Family) -> None:
     after tracing began, so even gen 0's anon_vmas are known objects."""
     for start in alive.regions[0]:
         avs = [alive.region_av(g, start) for g in range(alive.G + 1)]
-        assert len({id(a) for a in avs}) == alive.G + 1   # one object per generation
+        assert len({a.ptr for a in avs}) == alive.G + 1    # one anon_vma per generation
         assert avs[0].parent is None                       # a root (its parent is itself)
         for g in range(alive.G + 1):
-            assert avs[g].root is avs[0], (g, hex(start))
+            assert avs[g].root == avs[0].ptr, (g, hex(start))
+            assert alive.model.anon_vma_info(avs[g].root) == avs[0], (g, hex(start))
         for g in range(1, alive.G + 1):
-            assert avs[g].parent is avs[g - 1], (g, hex(start))
+            assert avs[g].parent == avs[g - 1].ptr and avs[g].parent_live, (g, hex(start))
         for g in range(alive.G):
             assert avs[g].children == 1, (g, hex(start))  # its one child in gen g+1
         assert avs[alive.G].children == 0
@@ -185,7 +197,7 @@ def test_exits_free_everything(family: Family) -> None:
     assert all(not p.alive and p.exited_ts > 0 for p in m.retired)
     assert m.totals() == {"anon_vmas": 0, "anon_vma_chains": 0, "orphaned_anon_vmas": 0}
     assert m.anon_vmas == {} and m.vmas == {}
-    assert all(not mm.vmas for mm in m.mms.values())
+    assert all(m.mm_vmas(mm) == {} for mm in m.mms.values())
     report = build_report(m, when=1.0, backend=family.backend, lost_events=0, exited=[],
                           final=True)
     json.dumps(report)
@@ -258,9 +270,12 @@ def exit_(tgid: int, flags: int = 0, ts: int = 2) -> Event:
 
 
 def check_consistent(m: Model) -> None:
-    for av in m.anon_vmas.values():
-        assert av.active == sum(1 for v in m.vmas.values() if v.anon_vma is av)
-        assert av.children == sum(1 for c in m.anon_vmas.values() if c.parent is av)
+    avs = dict(m.anon_vmas)
+    vmas = [v for mm in m.mms.values() for v in m.mm_vmas(mm).values()]
+    for ptr, av in avs.items():
+        assert av.ptr == ptr
+        assert av.active == sum(1 for v in vmas if v.anon_vma == ptr)
+        assert av.children == sum(1 for c in avs.values() if c.parent == ptr and c.parent_live)
         assert min(av.active, av.children, av.depth) >= 0
 
 
@@ -275,8 +290,8 @@ def test_a_root_process_and_its_child() -> None:
                depth=2, chain_len=2, parent=AV_1, root=AV_1))
     child = m.processes[101]
     assert child.ppid == 100 and child.mm is not None and child.mm.ptr == MM_B
-    assert m.anon_vmas[AV_2].parent is m.anon_vmas[AV_1]
-    assert m.anon_vmas[AV_2].root is m.anon_vmas[AV_1]
+    assert m.anon_vmas[AV_2].parent == AV_1 and m.anon_vmas[AV_2].parent_live
+    assert m.anon_vmas[AV_2].root == AV_1 and AV_1 in m.anon_vmas
     assert m.anon_vmas[AV_1].children == 1
     f = m.figures(child)
     assert (f.anon_vmas, f.anon_vma_chains, f.max_depth, f.max_degree, f.max_chain) == \
@@ -320,15 +335,32 @@ def test_pointer_reuse_after_a_missed_free() -> None:
     # AV_1 reappears at depth 3 under AV_3 in another process
     m.apply(own(Kind.PAGE_SET_ANON_RMAP, 200, MM_C, VMA_3, AV_1, 3, parent=AV_3, root=AV_3))
     fresh = m.anon_vmas[AV_1]
-    assert fresh is not stale
+    assert fresh.serial != stale.serial            # another anon_vma record
     assert (fresh.depth, fresh.active, fresh.children) == (3, 1, 0)
-    assert fresh.parent == AV_3                    # raw pointer: AV_3 never seen
-    assert m.vmas[VMA_1].anon_vma is None          # detached from the stale object
-    assert m.anon_vmas[AV_2].parent is stale       # not adopted by the new object
+    assert fresh.parent == AV_3 and not fresh.parent_live   # raw pointer: AV_3 never seen
+    assert m.vmas[VMA_1].anon_vma is None          # detached from the stale record
+    # still the stale record's child, not adopted by the new one
+    assert m.anon_vmas[AV_2].parent == AV_1 and not m.anon_vmas[AV_2].parent_live
     assert m.anomalies >= 1
     assert m.partial and any("pointer reused" in r for r in m.partial_reasons)
     assert m.figures(m.processes[200]).max_depth == 3
     assert m.figures(m.processes[100]).max_depth == 2
+    check_consistent(m)
+
+
+@pytest.mark.parametrize("kind", [Kind.PAGE_SET_ANON_RMAP, Kind.AVC_ALLOC])
+def test_pointer_reuse_seen_on_the_vma_that_held_it(kind: Kind) -> None:
+    """The VMA's own anon_vma pointer comes back with another depth: the
+    stale record is dropped (detaching the VMA), the VMA points at the new."""
+    m = Model()
+    m.apply(own(kind, 100, MM_A, VMA_1, AV_1, 1))
+    stale = m.anon_vmas[AV_1]
+    m.apply(own(kind, 100, MM_A, VMA_1, AV_1, 2, parent=AV_2, root=AV_2))
+    fresh = m.anon_vmas[AV_1]
+    assert fresh.serial != stale.serial and (fresh.depth, fresh.active) == (2, 1)
+    assert m.vma_info(MM_A, VMA_1) == VmaInfo(AV_1, 2, MM_A)
+    assert m.anomalies == 2    # the reuse, and a VMA still pointing at the stale one
+    assert m.totals() == {"anon_vmas": 1, "anon_vma_chains": 2, "orphaned_anon_vmas": 0}
     check_consistent(m)
 
 
@@ -469,7 +501,10 @@ def test_av_free_with_vmas_still_pointing_at_it() -> None:
     assert AV_1 not in m.anon_vmas
     assert m.vmas[VMA_1].anon_vma is None and m.vmas[VMA_2].anon_vma is None
     assert m.anomalies == 1
-    assert child.parent is not None and m.anon_vmas[AV_2] is child
+    after = m.anon_vmas[AV_2]
+    assert after.serial == child.serial            # the same anon_vma, kept
+    assert after.parent == AV_1 and not after.parent_live   # its parent's pointer, unlinked
+    assert (after.depth, after.active, after.children) == (child.depth, child.active, 0)
     f = m.figures(m.processes[100])
     assert (f.anon_vmas, f.max_depth) == (1, 2)
     assert m.totals()["anon_vmas"] == 1
@@ -486,19 +521,40 @@ def test_unlink_forgets_the_vma_and_av_alloc_then_facts() -> None:
     assert av.depth == 0 and av.active == 0
     assert m.totals()["orphaned_anon_vmas"] == 1
     m.apply(own(Kind.PAGE_SET_ANON_RMAP, 100, MM_A, VMA_1, AV_1, 1))
-    assert m.anon_vmas[AV_1] is av and av.depth == 1 and av.active == 1
+    now = m.anon_vmas[AV_1]
+    assert now.serial == av.serial and now.depth == 1 and now.active == 1   # the same one
+    assert now.mm == MM_A and now.root == AV_1 and now.parent is None
     m.apply(ev(Kind.UNLINK_ANON_VMAS, tgid=100, mm=MM_A, vma=VMA_1))
-    assert VMA_1 not in m.vmas and av.active == 0
+    assert VMA_1 not in m.vmas and m.anon_vmas[AV_1].active == 0
+    assert m.anon_vmas[AV_1].serial == av.serial
     assert m.figures(m.processes[100]).events["unlink_anon_vmas"] == 1
     m.apply(ev(Kind.AV_FREE, anon_vma=AV_1, site=Site.PUT))
     assert m.anon_vmas == {} and m.anomalies == 0
 
 
 def test_vma_pointer_reused_by_another_mm() -> None:
+    """VMAs are looked up in the event's mm: a VMA pointer freed in one mm
+    (its unlink seen) and reused in another is two VMAs, one after the other.
+    If the unlink was lost, the old mm keeps a stale entry until it goes:
+    there is no global VMA index (memory), and the loss already marks the
+    state partial."""
     m = Model()
     m.apply(own(Kind.PAGE_SET_ANON_RMAP, 100, MM_A, VMA_1, AV_1, 1))
+    m.apply(ev(Kind.UNLINK_ANON_VMAS, tgid=100, mm=MM_A, vma=VMA_1))
     m.apply(own(Kind.PAGE_SET_ANON_RMAP, 200, MM_B, VMA_1, AV_2, 1))
-    assert m.vmas[VMA_1].mm.ptr == MM_B
-    assert VMA_1 not in m.mms[MM_A].vmas
+    assert m.vmas[VMA_1] == VmaInfo(AV_2, 1, MM_B)
+    assert m.vma_info(MM_A, VMA_1) is None and m.mm_vmas(MM_A) == {}
     assert m.anon_vmas[AV_1].active == 0 and m.anon_vmas[AV_2].active == 1
+    check_consistent(m)
+    # the unlink of VMA_1 in MM_A was lost: both entries live, each counted once
+    m.apply(own(Kind.PAGE_SET_ANON_RMAP, 100, MM_A, VMA_2, AV_1, 1))
+    m.apply(own(Kind.PAGE_SET_ANON_RMAP, 300, MM_C, VMA_2, AV_3, 1))
+    assert m.vma_info(MM_A, VMA_2) == VmaInfo(AV_1, 1, MM_A)
+    assert m.vma_info(MM_C, VMA_2) == VmaInfo(AV_3, 1, MM_C)
+    assert m.anon_vmas[AV_1].active == 1 and m.anon_vmas[AV_3].active == 1
+    check_consistent(m)
+    # each mm's teardown removes its own entry
+    m.apply(ev(Kind.UNLINK_ANON_VMAS, tgid=100, mm=MM_A, vma=VMA_2))
+    assert m.vma_info(MM_C, VMA_2) == VmaInfo(AV_3, 1, MM_C)
+    assert m.anon_vmas[AV_1].active == 0 and m.anon_vmas[AV_3].active == 1
     check_consistent(m)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tests.unit.model_streams import FAMILY_STREAMS, model_stream
 from tracer.events import F_CHAIN_TRUNCATED, F_DEFERRED, F_DEPTH_TRUNCATED, F_REUSED, \
     F_SYNTHETIC, F_THREAD, Event, Kind, Site
-from tracer.model import AnonVma, Model
+from tracer.model import Model
 from tracer.report import build_report
 
 # small pools so that pointers, pids and mms collide
@@ -86,6 +86,10 @@ def plausible_events(draw) -> Event:
     )
 
 
+_ZERO = dict(ts=0, mm=0, cur_mm=0, vma=0, vm_start=0, vm_end=0, anon_vma=0, parent=0, root=0,
+             aux=0, aux2=0, num_children=0, num_active_vmas=0, kind=Kind.SYNC, tgid=0, tid=0,
+             depth=0, chain_len=0, ret=0, pid2=0, tid2=0, site=Site.NONE, flags=0, comm="")
+
 steps = st.lists(st.one_of(
     plausible_events().map(lambda e: ("apply", e)),
     plausible_events().map(lambda e: ("apply", e)),
@@ -96,16 +100,21 @@ steps = st.lists(st.one_of(
 
 
 def check_invariants(m: Model) -> None:
-    live = list(m.anon_vmas.values())
-    for ptr, av in m.anon_vmas.items():
-        assert av.ptr == ptr
-        assert av.active == sum(1 for v in m.vmas.values() if v.anon_vma is av), hex(ptr)
-        assert av.children == sum(1 for c in live if c.parent is av), hex(ptr)
+    avs = dict(m.anon_vmas)
+    assert len(avs) == len(m.anon_vmas)
+    vmas = [(mm.ptr, ptr, v) for mm in m.mms.values() for ptr, v in m.mm_vmas(mm).items()]
+    for ptr, av in avs.items():
+        assert av.ptr == ptr and m.anon_vma_info(ptr) == av
+        assert av.active == sum(1 for _, _, v in vmas if v.anon_vma == ptr), hex(ptr)
+        assert av.children == sum(1 for c in avs.values()
+                                  if c.parent == ptr and c.parent_live), hex(ptr)
         assert min(av.active, av.children, av.depth) >= 0
-    for ptr, vma in m.vmas.items():
+        assert not av.parent_live or av.parent in avs, hex(ptr)
+    assert len({av.serial for av in avs.values()}) == len(avs)
+    for mm_ptr, ptr, vma in vmas:
         assert vma.chain >= 0
-        assert vma.mm.vmas.get(ptr) is vma
-        assert vma.anon_vma is None or m.anon_vmas.get(vma.anon_vma.ptr) is vma.anon_vma
+        assert vma.mm == mm_ptr and m.vma_info(mm_ptr, ptr) == vma
+        assert vma.anon_vma is None or vma.anon_vma in avs
     t = m.totals()
     assert min(t.values()) >= 0
     assert t["anon_vmas"] == len(m.anon_vmas)
@@ -166,8 +175,9 @@ def test_real_streams_with_events_dropped_or_garbage_inserted(stream, data) -> N
 def test_invariant_checker_catches_a_broken_children_count() -> None:
     """The checker above can fail (guards against a vacuous property)."""
     m = Model()
-    m.anon_vmas[1] = AnonVma(1)
-    m.anon_vmas[1].children = 1
+    m.apply(Event(**{**_ZERO, "kind": Kind.AV_ALLOC, "anon_vma": 1}))
+    check_invariants(m)
+    m._children[m._avs[1] & 0xFFFF_FFFF] = 1   # corrupt the children column
     try:
         check_invariants(m)
     except AssertionError:
