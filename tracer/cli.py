@@ -85,7 +85,7 @@ def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
     spec = RunSpec(pids=pids, command=command, follow_children=not no_children,
                    interval=interval, duration=duration, backend=backend, transport=transport,
                    record=record,
-                   on_start=lambda b: click.echo(f"{verb} with {b}... Hit Ctrl-C to end.",
+                   on_start=lambda b: click.echo(f"Backend: {b}.\n{verb}... Hit Ctrl-C to end.",
                                                  err=True))
     emit = (lambda report: None) if quiet else _emitter(as_json)
     try:
