@@ -465,21 +465,7 @@ class Model:
         else:
             i = NO_AV
             new = NO_AV | chain << _CHAIN
-        vmas = mm.vmas
-        old = vmas.get(vma)
-        if old is None:
-            vmas[vma] = new
-            if i != NO_AV:
-                self._active[i] += 1
-        elif old != new:
-            vmas[vma] = new
-            j = old & _ID
-            if j != i:
-                active = self._active
-                if j != NO_AV and active[j] > 0:
-                    active[j] -= 1
-                if i != NO_AV:
-                    active[i] += 1
+        self._store_vma(mm.vmas, vma, new, i)
 
     def _vma(self, ev: Event, mm: Mm) -> None:
         """Learn a VMA (and its anon_vma) from an event with mm and vma set."""
@@ -511,8 +497,11 @@ class Model:
             i = NO_AV
             new = NO_AV | chain << _CHAIN
         # read after _learn_av: dropping a reused anon_vma detaches its VMAs
-        key = ev.vma
-        vmas = mm.vmas
+        self._store_vma(mm.vmas, ev.vma, new, i)
+
+    def _store_vma(self, vmas: dict[int, int], key: int, new: int, i: int) -> None:
+        """Point a VMA at anon_vma id ``i`` (packed value ``new``), moving the
+        active-VMA count from the anon_vma it pointed at before."""
         old = vmas.get(key)
         if old is None:
             vmas[key] = new
