@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt_pkgs=(python3 python3-venv python3-pip python3-bpfcc bpftool linux-headers-amd64 kmod)
 if [ "$want_test" = 1 ]; then
     apt_pkgs+=(gcc libc6-dev make linux-image-amd64 linux-image-6.12-amd64
-               linux-headers-6.12-amd64 qemu-system-x86 busybox-static)
+               linux-headers-6.12-amd64 qemu-system-x86 busybox-static prometheus)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
