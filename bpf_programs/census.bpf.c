@@ -34,8 +34,12 @@ BPF_ITER(task_vma)
         return 0;
     u32 tgid = rd(task + OFF_TASK_TGID, 4);
     // Threads share the leader's mm: visit each mm once.
-    if (rd(task + OFF_TASK_PID, 4) != tgid || !census_tgids.lookup(&tgid))
+    if (rd(task + OFF_TASK_PID, 4) != tgid)
         return 0;
+#ifndef CENSUS_ALL
+    if (!census_tgids.lookup(&tgid))
+        return 0;
+#endif
     if (!rd64(vma + OFF_VMA_ANON_VMA))
         return 0;
     int zero = 0;

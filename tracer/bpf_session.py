@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class TraceOptions:
     follow_children: bool = True
     transport: str = "auto"  # auto, ringbuf, perf
     object_events: bool = False  # also report every anon_vma / chain entry alloc and free
+    ringbuf_pages: int = 256     # ring buffer size in pages (a power of 2)
     env: KernelEnv = field(default_factory=KernelEnv)
 
 
@@ -233,7 +235,8 @@ class TraceSession:
             kmem_free_has_name=facts.kmem_free_has_name,
             exit_mmap_tracepoint=facts.exit_mmap_tracepoint,
             kmem_raw=facts.kmem_raw,
-            object_events=self.options.object_events)
+            object_events=self.options.object_events,
+            ringbuf_pages=self.options.ringbuf_pages)
 
     def _load(self, bcc: Any, plan: Plan) -> None:
         facts = self.facts
@@ -299,9 +302,10 @@ class TraceSession:
             table.open_perf_buffer(on_event, page_cnt=256, lost_cb=on_lost)
 
     # -- census ----------------------------------------------------------
-    def census(self, pids: tuple[int, ...]) -> tuple[bytes, str | None]:
+    def census(self, pids: tuple[int, ...] | None) -> tuple[bytes, str | None]:
         """The anon_vma facts of every VMA the given (already running)
-        processes hold now, read with a task_vma BPF iterator.
+        processes hold now (``None``: every process), read with a task_vma
+        BPF iterator.
 
         Returns the raw census records (wire format, ending with a
         completion marker), or no records and the reason the kernel would
@@ -309,7 +313,8 @@ class TraceSession:
         """
         assert self.facts is not None and self.facts.layout is not None and self.plan
         bcc = import_bcc()
-        flags = cflags(self.plan, self.facts.layout, self._build_options(self.plan)) + ["-w"]
+        opts = dataclasses.replace(self._build_options(self.plan), census_all=pids is None)
+        flags = cflags(self.plan, self.facts.layout, opts) + ["-w"]
         captured: list[str] = []
         prog = None
         try:
@@ -317,7 +322,7 @@ class TraceSession:
                 prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
                 fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
             table = prog[b"census_tgids"]
-            for pid in pids:
+            for pid in pids or ():
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             raw = _read_iterator(bcc, fn.fd)
         except Exception as exc:  # BCC raises bare Exception on load errors

@@ -29,6 +29,7 @@ class BuildOptions:
     object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
     max_chain: int = 128
+    census_all: bool = False  # census.bpf.c: every process, not the census_tgids map
 
 
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
@@ -80,5 +81,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     d["FILTER_MAX"] = opts.filter_max
     d["MAX_DEPTH"] = opts.max_depth
     d["MAX_CHAIN"] = opts.max_chain
+    if opts.census_all:
+        d["CENSUS_ALL"] = None
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

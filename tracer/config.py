@@ -25,7 +25,7 @@ from tracer.errors import AnontraceError
 # Placeholder: another engineer will set the final value. Defaults and error
 # messages derive from it; deploy/anontrace.yaml repeats it, and
 # tests/unit/test_config.py checks that the two agree.
-DEFAULT_PORT = 9966
+DEFAULT_PORT = 29100  # outside the 9100-9999 exporter range, which is fully allocated (README)
 BACKENDS = ("auto", "fentry", "kprobe", "tracepoint")
 
 TOP_K_MAX = 1000

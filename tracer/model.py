@@ -146,7 +146,8 @@ class Model:
     """Apply events with :meth:`apply`; read figures with :meth:`figures`,
     :meth:`totals` and :attr:`processes`."""
 
-    def __init__(self, ppid_of: Callable[[int], int] | None = None) -> None:
+    def __init__(self, ppid_of: Callable[[int], int] | None = None,
+                 keep_retired: bool = True) -> None:
         self._avs: dict[int, int] = {}   # anon_vma pointer -> packed (low bits: id)
         # columns, indexed by anon_vma id
         self._ptr = array("Q")
@@ -170,6 +171,9 @@ class Model:
         self.events_applied = 0
         self.anomalies = 0
         self._ppid_of = ppid_of or (lambda pid: 0)
+        self.keep_retired = keep_retired
+        # anon_vmas first learned from a live event (not a census), by depth
+        self.learned_depths: dict[int, int] = {}
         self._dispatch: dict[Kind, Callable[[Event], None]] = {
             Kind.ANON_VMA_FORK: self._vma_event,
             Kind.ANON_VMA_CLONE: self._vma_event,
@@ -360,6 +364,9 @@ class Model:
         if not depth[i] and d:
             share = True
             depth[i] = d
+            if ev.kind is not Kind.CENSUS_VMA:
+                ld = self.learned_depths
+                ld[d] = ld.get(d, 0) + 1
             parent_ptr = ev.parent
             if parent_ptr and parent_ptr != ptr:
                 self._parent[i] = parent_ptr
@@ -600,6 +607,10 @@ class Model:
             return
         proc = self.processes.get(ev.tgid)
         if proc is not None and proc.alive:
+            # The exit runs in the process's own context: its name now,
+            # after any prctl(PR_SET_NAME) since fork or exec.
+            if ev.comm:
+                proc.comm = ev.comm
             self._retire(proc, ev.ts)
 
     def _retire(self, proc: Process, ts: int) -> None:
@@ -611,7 +622,9 @@ class Model:
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
         self.exited.append(proc)
-        if len(self.retired) < MAX_RETIRED:
+        if not self.keep_retired:
+            pass
+        elif len(self.retired) < MAX_RETIRED:
             self.retired.append(proc)
         else:
             self.retired_dropped += 1
@@ -645,6 +658,10 @@ class Model:
             max_chain=max_chain,
             events=dict(zip(PROBE_NAMES, events)))
 
+    def anon_vma_chain_count(self) -> int:
+        """anon_vma_chain entries on all tracked VMAs."""
+        return sum(v >> _CHAIN for mm in self.mms.values() for v in mm.vmas.values())
+
     def totals(self) -> dict[str, int]:
         """System (traced-scope) totals."""
         active = self._active
@@ -654,6 +671,35 @@ class Model:
                                    for v in mm.vmas.values()),
             "orphaned_anon_vmas": sum(1 for v in self._avs.values() if not active[v & _ID]),
         }
+
+    def families(self) -> dict[int, list[int]]:
+        """Live anon_vmas grouped by root anon_vma (one fork hierarchy):
+        root pointer -> [anon_vmas, orphaned anon_vmas, max depth, pid of
+        the process that created the root (0: not known), the root's
+        creation serial (-1: the root is not tracked)]. Pointer and serial
+        together name one root even when the slab reuses the pointer."""
+        out: dict[int, list[int]] = {}
+        root, depth, active = self._root, self._depth, self._active
+        for v in self._avs.values():
+            i = v & _ID
+            r = root[i]
+            f = out.get(r)
+            if f is None:
+                f = out[r] = [0, 0, 0, 0, -1]
+            f[0] += 1
+            if not active[i]:
+                f[1] += 1
+            if depth[i] > f[2]:
+                f[2] = depth[i]
+        avs, avmm, mms = self._avs, self._avmm, self.mms
+        for r, f in out.items():
+            rv = avs.get(r)
+            if rv is not None:
+                f[4] = self._serial[rv & _ID]
+                mm = mms.get(avmm[rv & _ID])
+                if mm is not None:
+                    f[3] = mm.tgid
+        return out
 
     def take_exited(self) -> list[Process]:
         """Processes that exited since the last call (for interval reports)."""

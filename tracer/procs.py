@@ -31,3 +31,16 @@ def proc_ppid(pid: int, proc: Path = Path("/proc")) -> int:
         return int(stat[stat.rindex(")") + 2:].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def proc_cgroup(pid: int, proc: Path = Path("/proc")) -> str | None:
+    """A process's cgroup v2 path ("0::/path" line of /proc/PID/cgroup), None
+    if it is gone or only in v1 hierarchies."""
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:] or "/"
+    return None
