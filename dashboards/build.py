@@ -252,10 +252,14 @@ def overview() -> dm.Dashboard:
                     f"(rate(anontrace_events_total{{{INST}}}[$__rate_interval]))",
                     "{{instance}} {{probe}}")], unit="ops", w=8))
          .with_panel(ts(
-             "Lost events", "Events lost per second; any loss makes the model approximate.",
+             "Lost events", "Events lost per second; any loss makes the model approximate "
+             "until serve rebuilds it from a census (resyncs, at most one per 10 s).",
              [query("sum by (instance) "
                     f"(rate(anontrace_lost_events_total{{{INST}}}[$__rate_interval]))",
-                    "{{instance}}")], unit="ops", w=8)))
+                    "{{instance}} lost"),
+              query("sum by (instance) "
+                    f"(increase(anontrace_resyncs_total{{{INST}}}[$__rate_interval]))",
+                    "{{instance}} resyncs", ref="B")], unit="ops", w=8)))
 
     bucket_rate = ("sum by (instance, le) "
                    f"(rate(anontrace_hierarchy_depth_bucket{{{INST}}}[$__rate_interval]))")

@@ -43,6 +43,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "Events seen per logical probe.", ("probe",)),
     MetricSpec("anontrace_lost_events", "counter",
                "Events lost for any reason (buffer full, map full, decode errors)."),
+    MetricSpec("anontrace_resyncs", "counter",
+               "Times the state was rebuilt from a census of every process's VMAs after "
+               "lost events had left it stale."),
     MetricSpec("anontrace_hierarchy_depth", "histogram",
                "Depth of anon_vmas as they are created (root = 1)."),
     MetricSpec("anontrace_process_anon_vmas", "gauge",

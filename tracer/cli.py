@@ -11,6 +11,7 @@ from typing import Any, Callable
 import click
 
 from tracer import __version__
+from tracer.config import DEFAULT_PORT
 from tracer.errors import AnontraceError
 from tracer.kernel_env import KernelEnv
 
@@ -236,6 +237,77 @@ def replay(recording: Path, as_json: bool) -> None:
         run_replay(recording, _emitter(as_json))
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config (default: built-in defaults; see deploy/anontrace.yaml).")
+@click.option("--listen", metavar="ADDR:PORT",
+              help="Address to serve /metrics on, overriding the config "
+                   f"(default 127.0.0.1:{DEFAULT_PORT}; ':PORT' for every interface).")
+@click.option("--check-config", is_flag=True, help="Validate the config, print it and exit.")
+def serve(config_path: Path | None, listen: str | None, check_config: bool) -> None:
+    """Export anon_vma metrics to Prometheus (system-wide daemon).
+
+    Attaches the probes, keeps the model of every process and serves
+    /metrics and a status page. SIGTERM or SIGINT detaches every probe and
+    exits 0.
+
+    \b
+    Examples:
+      sudo anontrace serve
+      sudo anontrace serve --config /etc/anontrace/anontrace.yaml --listen :29100
+      anontrace serve --config deploy/anontrace.yaml --check-config
+    """
+    from tracer.config import load_config, parse_listen
+
+    try:
+        cfg = load_config(config_path)
+        if listen is not None:
+            try:
+                parse_listen(listen)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--listen") from exc
+        if check_config:
+            click.echo(f"{cfg.source}: ok")
+            click.echo(json.dumps(_config_dict(cfg), indent=2))
+            return
+        from tracer.serve import run_serve
+
+        run_serve(cfg, listen, on_ready=lambda msg: click.echo(msg, err=True))
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    out = dataclasses.asdict(cfg)
+    out["selection"]["pids"] = list(out["selection"]["pids"])
+    return out
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config whose growth: section sets the thresholds.")
+def rules(config_path: Path | None) -> None:
+    """Print the Prometheus recording and alerting rules.
+
+    The thresholds and windows come from the config's growth: section; the
+    defaults give deploy/prometheus/anontrace.rules.yml.
+
+    \b
+    Example:
+      anontrace rules --config /etc/anontrace/anontrace.yaml > anontrace.rules.yml
+    """
+    from exporters.rules import render_rules
+    from tracer.config import load_config
+
+    try:
+        cfg = load_config(config_path)
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render_rules(cfg.growth), nl=False)
 
 
 if __name__ == "__main__":

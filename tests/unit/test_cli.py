@@ -43,6 +43,8 @@ def examples(help_text: str) -> list[str]:
     (["-h"], None),
     (["check", "--help"], "check"),
     (["events", "--help"], "events"),
+    (["serve", "--help"], "serve"),
+    (["rules", "--help"], "rules"),
 ])
 def test_help_has_examples(args: list[str], subcommand: str | None) -> None:
     result = CliRunner().invoke(main, args, prog_name="anontrace")
@@ -127,3 +129,50 @@ def test_require_pids_with_fake_proc(tmp_path: Path) -> None:
     require_pids((42,), proc=tmp_path)
     with pytest.raises(AnontraceError, match=r"^no such process: 43, 44$"):
         require_pids((42, 43, 44), proc=tmp_path)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serve_help_lists_options() -> None:
+    out = run(["serve", "--help"]).output
+    for opt in ("--config", "--listen", "--check-config"):
+        assert opt in out, out
+
+
+def test_serve_check_config_on_the_example() -> None:
+    result = run(["serve", "--config", str(REPO / "deploy/anontrace.yaml"), "--check-config"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{REPO / 'deploy/anontrace.yaml'}: ok")
+    assert '"top_k": 20' in result.output
+
+
+def test_serve_check_config_names_file_line_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("top_k: 5\nselection:\n  pids: [1, x]\n")
+    assert_one_line_error(run(["serve", "--config", str(bad), "--check-config"]),
+                          f"{bad}:3: selection.pids[1]")
+
+
+def test_serve_bad_listen_is_a_clean_error() -> None:
+    result = run(["serve", "--listen", "localhost:99999", "--check-config"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Invalid value for --listen: port must be a number" in result.output
+
+
+@pytest.mark.usefixtures("not_root")
+def test_serve_as_non_root() -> None:
+    assert_one_line_error(run(["serve"]), "anontrace needs root")
+
+
+def test_rules_prints_the_shipped_rules_by_default() -> None:
+    result = run(["rules"])
+    assert result.exit_code == 0, result.output
+    assert result.output == (REPO / "deploy/prometheus/anontrace.rules.yml").read_text()
+
+
+def test_rules_follow_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("growth:\n  window: 20s\n  for: 5s\n  min_depth_increase: 7\n")
+    out = run(["rules", "--config", str(cfg)]).output
+    assert "[20s]" in out and "for: 5s" in out and ">= 7" in out, out

@@ -1,0 +1,132 @@
+"""The one Prometheus collector of `anontrace serve`.
+
+It reads the current state inside ``collect()`` through a callable that
+returns a :class:`ExportState` (taken under the serve loop's lock), and
+describes its metrics from :mod:`exporters.metrics_spec` without touching
+the model, so registering it costs nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.registry import CollectorRegistry
+
+from exporters.metrics_spec import BY_NAME, DEPTH_BUCKETS, METRICS, PROBES
+from exporters.view import Snapshot
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    probe: str
+    function: str      # "" when no function could be attached
+    method: str        # fentry, kprobe, tracepoint, or "none"
+    attached: bool
+
+
+@dataclass
+class ExportState:
+    """Everything one scrape exports."""
+
+    snapshot: Snapshot
+    events_by_probe: dict[str, int] = field(default_factory=dict)
+    lost_events: int = 0
+    resyncs: int = 0
+    build: dict[str, str] = field(default_factory=dict)   # version, kernel, backend, transport
+    probes: list[ProbeStatus] = field(default_factory=list)
+
+
+def _family(name: str, labels: Iterable[str] = ()) -> Metric:
+    spec = BY_NAME[name]
+    cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+           "histogram": HistogramMetricFamily}[spec.type]
+    return cls(name, spec.help, labels=list(labels or spec.labels))
+
+
+def depth_buckets(learned: dict[int, int]) -> tuple[list[tuple[str, float]], int]:
+    """Cumulative histogram buckets (le, count) and the sum, from counts by depth."""
+    out, total, acc = [], 0, 0
+    items = sorted(learned.items())
+    j = 0
+    for le in DEPTH_BUCKETS:
+        while j < len(items) and items[j][0] <= le:
+            acc += items[j][1]
+            j += 1
+        out.append((str(float(le)), acc))
+    out.append(("+Inf", sum(n for _, n in items)))
+    total = sum(d * n for d, n in items)
+    return out, total
+
+
+class AnontraceCollector:
+    """Register with ``AnontraceCollector(state_fn, registry=registry)``."""
+
+    def __init__(self, state_fn: Callable[[], ExportState],
+                 registry: CollectorRegistry | None = None) -> None:
+        self._state_fn = state_fn
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self) -> Iterator[Metric]:
+        for spec in METRICS:
+            yield _family(spec.name)
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._state_fn()
+        snap = st.snapshot
+
+        m = _family("anontrace_build_info")
+        m.add_metric([st.build.get(k, "") for k in BY_NAME["anontrace_build_info"].labels], 1)
+        yield m
+
+        m = _family("anontrace_probe_attached")
+        for p in st.probes:
+            m.add_metric([p.probe, p.function, p.method], 1 if p.attached else 0)
+        yield m
+
+        for name, value in (("anontrace_anon_vmas", snap.anon_vmas),
+                            ("anontrace_anon_vma_chains", snap.anon_vma_chains),
+                            ("anontrace_orphaned_anon_vmas", snap.orphaned_anon_vmas),
+                            ("anontrace_tracked_processes", snap.tracked_processes)):
+            m = _family(name)
+            m.add_metric([], value)
+            yield m
+
+        m = _family("anontrace_events")
+        for probe in PROBES:
+            m.add_metric([probe], st.events_by_probe.get(probe, 0))
+        yield m
+
+        m = _family("anontrace_lost_events")
+        m.add_metric([], st.lost_events)
+        yield m
+
+        m = _family("anontrace_resyncs")
+        m.add_metric([], st.resyncs)
+        yield m
+
+        m = _family("anontrace_hierarchy_depth")
+        buckets, total = depth_buckets(snap.learned_depths)
+        m.add_metric([], buckets, total)
+        yield m
+
+        per_process = (("anontrace_process_anon_vmas", "anon_vmas"),
+                       ("anontrace_process_anon_vma_chains", "anon_vma_chains"),
+                       ("anontrace_process_max_depth", "max_depth"),
+                       ("anontrace_process_max_degree", "max_degree"))
+        for name, attr in per_process:
+            m = _family(name)
+            for r in snap.processes:
+                m.add_metric([str(r.pid), r.comm], getattr(r, attr))
+            yield m
+
+        per_family = (("anontrace_family_anon_vmas", "anon_vmas"),
+                      ("anontrace_family_orphaned_anon_vmas", "orphaned_anon_vmas"),
+                      ("anontrace_family_max_depth", "max_depth"))
+        for name, attr in per_family:
+            m = _family(name)
+            for f in snap.families:
+                m.add_metric([f.family, f.comm], getattr(f, attr))
+            yield m

@@ -1,0 +1,174 @@
+"""What `anontrace serve` exports, computed from the model: totals, the
+top-K processes and the top-K families.
+
+Pure Python over :class:`tracer.model.Model` (no BPF, no HTTP), so it runs on
+recorded event streams in the unit tests. Series stay bounded: only the top-K
+processes and families get labelled series, whatever comes and goes.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tracer.model import Model, Process
+
+# What may appear in a comm label: printable ASCII and any non-control
+# character; the kernel takes any bytes a process writes to its comm.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe_comm(comm: str) -> str:
+    """A process name fit for a label value: control characters replaced
+    (prometheus-client escapes quotes and backslashes itself)."""
+    return _UNPRINTABLE.sub("?", comm)[:16]
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    pid: int
+    comm: str
+    anon_vmas: int
+    anon_vma_chains: int
+    max_depth: int
+    max_degree: int
+    alive: bool
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    family: str          # the pid that created the root anon_vmas
+    comm: str
+    anon_vmas: int
+    orphaned_anon_vmas: int
+    max_depth: int
+
+
+@dataclass
+class Snapshot:
+    """One scrape's worth of figures."""
+
+    anon_vmas: int = 0
+    anon_vma_chains: int = 0
+    orphaned_anon_vmas: int = 0
+    tracked_processes: int = 0
+    processes: list[ProcessRow] = field(default_factory=list)
+    families: list[FamilyRow] = field(default_factory=list)
+    learned_depths: dict[int, int] = field(default_factory=dict)
+
+
+class TopView:
+    """Ranks processes and families for export.
+
+    Exited processes stay eligible for ``expiry_s`` seconds with their
+    figures at exit, so a short-lived offender still shows; then they go.
+    ``eligible`` (the config's comm regex and cgroup selection) decides which
+    processes may get per-process series; families are named after the
+    process that created their roots.
+    """
+
+    def __init__(self, top_k: int, expiry_s: float,
+                 eligible: Callable[[Process], bool] = lambda p: True) -> None:
+        self.top_k = top_k
+        self.expiry_s = expiry_s
+        self.eligible = eligible
+        self._exited: dict[int, tuple[float, Process]] = {}
+        # (root anon_vma pointer, creation serial) -> (pid, comm) of its
+        # creator, kept while the root lives: the creator may exit long
+        # before its descendants, and the slab reuses root pointers.
+        self._root_owner: dict[tuple[int, int], tuple[int, str]] = {}
+        self._comms: dict[int, str] = {}
+
+    def reset_owners(self) -> None:
+        """The model was rebuilt: its anon_vma serials start again."""
+        self._root_owner.clear()
+
+    def note_exited(self, procs: list[Process], now: float) -> None:
+        """Processes that exited at ``now`` (monotonic seconds)."""
+        for p in procs:
+            self._exited[p.pid] = (now, p)
+            self._comms[p.pid] = p.comm
+
+    def _expire(self, now: float, live: dict[int, Process]) -> None:
+        cutoff = now - self.expiry_s
+        for pid in [pid for pid, (t, p) in self._exited.items()
+                    if t < cutoff or live.get(pid) not in (None, p)]:
+            del self._exited[pid]
+
+    def snapshot(self, model: Model, now: float) -> Snapshot:
+        """The figures to export now (``now``: monotonic seconds)."""
+        live = model.processes
+        self._expire(now, live)
+        snap = Snapshot(tracked_processes=len(live),
+                        learned_depths=dict(model.learned_depths))
+        snap.anon_vmas = len(model.anon_vmas)
+        snap.anon_vma_chains = model.anon_vma_chain_count()
+        snap.processes = self._top_processes(model)
+        snap.families, snap.orphaned_anon_vmas = self._top_families(model)
+        return snap
+
+    def _top_processes(self, model: Model) -> list[ProcessRow]:
+        # Rank by tracked VMAs (a cheap stand-in for anon_vmas: every tracked
+        # VMA is anonymous), then compute exact figures for a few more than K.
+        def size(p: Process) -> int:
+            return len(p.mm.vmas) if p.mm is not None else 0
+
+        cands = heapq.nlargest(self.top_k * 2, (p for p in model.processes.values()
+                                                if p.mm is not None and p.mm.vmas
+                                                and self.eligible(p)), key=size)
+        rows = []
+        for p in cands:
+            f = model.figures(p)
+            rows.append(ProcessRow(p.pid, safe_comm(p.comm), f.anon_vmas, f.anon_vma_chains,
+                                   f.max_depth, f.max_degree, True))
+        for _, p in self._exited.values():
+            if p.at_exit is not None and p.at_exit.anon_vmas and self.eligible(p):
+                f = p.at_exit
+                rows.append(ProcessRow(p.pid, safe_comm(p.comm), f.anon_vmas,
+                                       f.anon_vma_chains, f.max_depth, f.max_degree, False))
+        rows.sort(key=lambda r: (-r.anon_vmas, -r.max_depth, r.pid))
+        return rows[:self.top_k]
+
+    def _owner(self, model: Model, key: tuple[int, int], pid: int) -> tuple[int, str] | None:
+        known = self._root_owner.get(key)
+        if known is not None:
+            return known
+        if not pid:
+            return None
+        proc = model.processes.get(pid)
+        comm = proc.comm if proc is not None else self._comms.get(pid, "")
+        owner = self._root_owner[key] = (pid, comm)
+        return owner
+
+    def _top_families(self, model: Model) -> tuple[list[FamilyRow], int]:
+        fams = model.families()
+        orphaned = 0
+        by_owner: dict[tuple[int, str], list[int]] = {}
+        live: set[tuple[int, int]] = set()
+        for root, (n, orph, depth, pid, serial) in fams.items():
+            orphaned += orph
+            if not root or serial < 0:
+                continue    # root not tracked: no creator to name the family by
+            key = (root, serial)
+            live.add(key)
+            owner = self._owner(model, key, pid)
+            if owner is None:
+                continue
+            agg = by_owner.get(owner)
+            if agg is None:
+                by_owner[owner] = [n, orph, depth]
+            else:
+                agg[0] += n
+                agg[1] += orph
+                agg[2] = max(agg[2], depth)
+        # Forget owners of roots that are gone (bounded memory).
+        if len(self._root_owner) > len(live):
+            self._root_owner = {k: o for k, o in self._root_owner.items() if k in live}
+        if len(self._comms) > 4 * len(model.processes) + 1024:
+            self._comms = {pid: c for pid, c in self._comms.items() if pid in self._exited}
+        best = heapq.nlargest(self.top_k, by_owner.items(),
+                              key=lambda kv: (kv[1][0], kv[1][2], -kv[0][0]))
+        rows = [FamilyRow(str(pid), safe_comm(comm), n, orph, depth)
+                for (pid, comm), (n, orph, depth) in best]
+        return rows, orphaned

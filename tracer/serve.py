@@ -1,0 +1,234 @@
+"""`anontrace serve`: the model system-wide, exported to Prometheus.
+
+One thread polls the BPF session and applies events to the model under a
+lock; the HTTP server's threads take the same lock for the moment a scrape
+needs to read the model (exporters.view). SIGTERM and SIGINT stop the loop;
+leaving the TraceSession context detaches every probe.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from prometheus_client import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
+from exporters.http import HttpServer, landing_page, make_app
+from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
+from exporters.view import TopView
+from tracer import __version__
+from tracer.config import ServeConfig, parse_listen
+from tracer.events import LOGICAL_KINDS, Event, decode_many, lost_total
+from tracer.model import Model, Process
+from tracer.procs import proc_cgroup, proc_comm, proc_ppid
+
+SERVE_RINGBUF_PAGES = 4096  # 16 MiB
+APPLY_CHUNK = 4096          # events applied per lock hold: a scrape waits at most one chunk
+HOUSEKEEPING_S = 1.0        # exited processes, lost counters
+FORGET_MM_S = 10.0          # drop dead address spaces
+RESYNC_MIN_S = 10.0         # at most one census rebuild per this many seconds
+_KIND = operator.attrgetter("kind")
+
+
+class Selection:
+    """Which processes may get per-process series (comm regex, cgroup)."""
+
+    def __init__(self, cfg: ServeConfig, proc: Path = Path("/proc")) -> None:
+        self._re = cfg.selection.comm_re()
+        self._cgroup = cfg.selection.cgroup
+        self._proc = proc
+        self._cg: dict[int, bool] = {}
+
+    def __call__(self, p: Process) -> bool:
+        if self._re is not None and not self._re.search(p.comm):
+            return False
+        if self._cgroup is None:
+            return True
+        ok = self._cg.get(p.pid)
+        if ok is None:
+            path = proc_cgroup(p.pid, self._proc)
+            prefix = self._cgroup.rstrip("/")
+            ok = path is not None and (path == prefix or path.startswith(prefix + "/")
+                                       or prefix == "")
+            self._cg[p.pid] = ok
+        return ok
+
+    def forget(self, pids: list[int]) -> None:
+        for pid in pids:
+            self._cg.pop(pid, None)
+
+
+class ServeState:
+    """The model, its lock and the counters a scrape reads."""
+
+    def __init__(self, cfg: ServeConfig, build: dict[str, str], probes: list[ProbeStatus],
+                 selection: Callable[[Process], bool] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.model = Model(ppid_of=proc_ppid, keep_retired=False)
+        self.view = TopView(cfg.top_k, cfg.exited_expiry_seconds,
+                            selection or (lambda p: True))
+        self.events_by_probe: Counter[str] = Counter()
+        self.lost_events = 0
+        self.resyncs = 0
+        self.build = build
+        self.probes = probes
+
+    def load_census(self, processes: list[tuple[int, str]], census: list[Event],
+                    missing: str | None) -> None:
+        """(Re)build the model from the running processes and a census of
+        their VMAs: at start, and after lost events left it stale (a missed
+        free keeps a dead anon_vma, and its family, forever). Counters and
+        the depth histogram carry over: they only ever grow."""
+        model = Model(ppid_of=proc_ppid, keep_retired=False)
+        for pid, comm in processes:
+            model.add_process(pid, comm, preexisting=True)
+        if missing:
+            model.add_reason(f"no census of pre-existing VMAs: {missing}")
+        model.apply_all(census)
+        with self.lock:
+            model.learned_depths = self.model.learned_depths
+            model.note_lost(self.lost_events)
+            if self.model.events_applied:
+                self.resyncs += 1
+            self.model = model
+            self.view.reset_owners()
+
+    def feed(self, events: list[Event]) -> None:
+        """Apply events, a chunk per lock hold."""
+        kinds = Counter(map(_KIND, events))
+        for kind, name in LOGICAL_KINDS.items():
+            if kinds[kind]:
+                self.events_by_probe[name] += kinds[kind]
+        for i in range(0, len(events), APPLY_CHUNK):
+            with self.lock:
+                self.model.apply_all(events[i:i + APPLY_CHUNK])
+
+    def housekeeping(self, now: float, lost: int, forget_mms: bool) -> list[int]:
+        """Retire exited processes into the view; returns their pids."""
+        with self.lock:
+            self.lost_events = lost
+            self.model.note_lost(lost)
+            exited = self.model.take_exited()
+            self.view.note_exited(exited, now)
+            if forget_mms:
+                self.model.forget_mm_if_dead()
+        return [p.pid for p in exited]
+
+    def export(self) -> ExportState:
+        """What a scrape exports now (called from collect())."""
+        with self.lock:
+            snap = self.view.snapshot(self.model, time.monotonic())
+            return ExportState(snapshot=snap, events_by_probe=dict(self.events_by_probe),
+                               lost_events=self.lost_events, resyncs=self.resyncs,
+                               build=self.build, probes=self.probes)
+
+
+def _probe_statuses(plan: Any) -> list[ProbeStatus]:
+    return [ProbeStatus(name, c.function or "", c.method or "none", bool(c.method))
+            for name, c in plan.probes.items()]
+
+
+def _running_pids(proc: Path = Path("/proc")) -> list[int]:
+    return [int(d.name) for d in proc.iterdir() if d.name.isdigit()]
+
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag the loop checks every poll."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Stop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_serve(cfg: ServeConfig, listen: str | None = None,
+              on_ready: Callable[[str], None] = lambda msg: None,
+              stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0."""
+    from tracer.bpf_session import TraceOptions, TraceSession, require_root
+
+    require_root()
+    host, port = parse_listen(listen or cfg.listen)
+    # A daemon sees every process's bursts (a parallel build, a fork storm):
+    # 16 MiB of ring buffer rides out seconds of them instead of one.
+    opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
+                        ringbuf_pages=SERVE_RINGBUF_PAGES)
+    with _Stop() as signals, TraceSession(opts) as session:
+        assert session.plan is not None
+        build = {"version": __version__, "kernel": os.uname().release,
+                 "backend": session.plan.backend, "transport": session.transport}
+        selection = Selection(cfg)
+        state = ServeState(cfg, build, _probe_statuses(session.plan), selection)
+        can_resync = _census(session, state, cfg.selection.pids)
+        registry = CollectorRegistry()
+        AnontraceCollector(state.export, registry=registry)
+        ProcessCollector(registry=registry)
+        server = HttpServer(host, port, make_app(
+            registry, lambda: landing_page(state.export(), cfg.source)))
+        try:
+            on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
+                     f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
+                     f"{server.port}/metrics")
+            _loop(session, state, selection, stop or signals.event, signals.event,
+                  cfg.selection.pids if can_resync else None)
+        finally:
+            server.close()
+    return 0
+
+
+def _census(session: Any, state: ServeState, pids: tuple[int, ...]) -> bool:
+    """Load the model from a census of the running processes (``pids`` and
+    their descendants, or all). False if the kernel refuses the iterator."""
+    wanted = set(pids)
+    running = [(pid, proc_comm(pid)) for pid in (pids or _running_pids())]
+    census, missing = session.census(pids or None)
+    events = decode_many(census)
+    if wanted:
+        # Descendants forked since the filter began are traced too.
+        running += [(ev.tgid, ev.comm) for ev in events if ev.tgid not in wanted]
+    state.load_census([(p, c) for p, c in running if c], events, missing)
+    return missing is None
+
+
+def _loop(session: Any, state: ServeState, selection: Selection,
+          stop: threading.Event, signalled: threading.Event,
+          resync_pids: tuple[int, ...] | None) -> None:
+    """Poll and apply events until stopped. ``resync_pids`` (None: the
+    census is not available): after lost events, rebuild from a census."""
+    now = time.monotonic()
+    next_house = next_forget = now
+    next_resync = now + RESYNC_MIN_S
+    synced_lost = 0
+    while not (stop.is_set() or signalled.is_set()):
+        state.feed(session.poll(100))
+        now = time.monotonic()
+        if now < next_house:
+            continue
+        lost = lost_total(session.lost())
+        forget = now >= next_forget
+        gone = state.housekeeping(now, lost, forget)
+        selection.forget(gone)
+        next_house = now + HOUSEKEEPING_S
+        if forget:
+            next_forget = now + FORGET_MM_S
+        if resync_pids is not None and lost > synced_lost and now >= next_resync:
+            # Apply what is already buffered first: the census then
+            # supersedes it, and later events follow on from the census.
+            state.feed(session.poll(0))
+            _census(session, state, resync_pids)
+            synced_lost = lost
+            next_resync = time.monotonic() + RESYNC_MIN_S
