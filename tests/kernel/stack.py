@@ -1,0 +1,143 @@
+"""A real `anontrace serve` and a real Prometheus (Debian's) on loopback,
+for the end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+ANONTRACE = [sys.executable, "-m", "tracer.cli"]
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def bpf_prog_ids() -> set[int]:
+    """Ids of the BPF programs loaded now (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out or "[]")}
+
+
+class Serve:
+    """`anontrace serve` as a subprocess."""
+
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.port = free_port()
+        self.config = workdir / "anontrace.yaml"
+        self.config.write_text(config_text)
+        self.log = open(workdir / "serve.log", "w+b")
+        self.progs_before = bpf_prog_ids()
+        self.proc = subprocess.Popen(
+            ANONTRACE + ["serve", "--config", str(self.config), "--listen",
+                         f"127.0.0.1:{self.port}"],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"anontrace serve exited {self.proc.returncode}: "
+                                   f"{self.output()}")
+            try:
+                http_get(self.url + "/metrics", timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def metrics(self) -> str:
+        return http_get(self.url + "/metrics").decode()
+
+    def stop(self) -> int:
+        """SIGTERM; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+        return self.proc.returncode
+
+
+class Prometheus:
+    """Debian's prometheus, scraping one target every second."""
+
+    def __init__(self, workdir: Path, target: str, rules: Path) -> None:
+        if not os.path.exists(PROMETHEUS):
+            raise RuntimeError(f"{PROMETHEUS} missing: run scripts/install.sh --test")
+        self.port = free_port()
+        cfg = workdir / "prometheus.yml"
+        cfg.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files:\n  - {rules}\n"
+            "scrape_configs:\n  - job_name: anontrace\n"
+            f"    static_configs:\n      - targets: ['{target}']\n")
+        self.log = open(workdir / "prometheus.log", "w+b")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                http_get(self.url + "/-/ready", timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prometheus did not start: {self.output()}")
+                time.sleep(0.3)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path>; the "data" of a success, else an AssertionError."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            body = json.loads(http_get(url))
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        assert body.get("status") == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        return data["result"] if data["resultType"] in ("vector", "matrix") else [data]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
