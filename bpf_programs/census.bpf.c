@@ -22,7 +22,7 @@ struct bpf_iter__task_vma {
     union { struct vm_area_struct *vma; };
 };
 
-BPF_HASH(census_tgids, u32, u8, 4096);
+BPF_HASH(census_tgids, u32, u8, CENSUS_MAX);
 BPF_PERCPU_ARRAY(census_scratch, struct event, 1);
 
 BPF_ITER(task_vma)

@@ -73,12 +73,15 @@ class TopView:
         self.top_k = top_k
         self.expiry_s = expiry_s
         self.eligible = eligible
-        self._exited: dict[int, tuple[float, Process]] = {}
+        # pid -> (exit time, figures at exit): rows only, so an exited
+        # process's address space is not kept alive here.
+        self._exited: dict[int, tuple[float, ProcessRow]] = {}
         # (root anon_vma pointer, creation serial) -> (pid, comm) of its
         # creator, kept while the root lives: the creator may exit long
         # before its descendants, and the slab reuses root pointers.
         self._root_owner: dict[tuple[int, int], tuple[int, str]] = {}
         self._comms: dict[int, str] = {}
+        self._families: list[FamilyRow] = []
 
     def reset_owners(self) -> None:
         """The model was rebuilt: its anon_vma serials start again."""
@@ -87,17 +90,37 @@ class TopView:
     def note_exited(self, procs: list[Process], now: float) -> None:
         """Processes that exited at ``now`` (monotonic seconds)."""
         for p in procs:
-            self._exited[p.pid] = (now, p)
             self._comms[p.pid] = p.comm
+            f = p.at_exit
+            if f is not None and f.anon_vmas and self.eligible(p):
+                self._exited[p.pid] = (now, ProcessRow(p.pid, safe_comm(p.comm), f.anon_vmas,
+                                                       f.anon_vma_chains, f.max_depth,
+                                                       f.max_degree, False))
+        if len(self._exited) > 4 * self.top_k + 64:
+            # A fork storm retires thousands a second: only the best can
+            # ever be exported (the top-K of all is within the top-K of the
+            # live plus the top-K of the exited), so keep twice K of them.
+            best = heapq.nlargest(2 * self.top_k, self._exited.items(),
+                                  key=lambda kv: (kv[1][1].anon_vmas, kv[1][1].max_depth,
+                                                  kv[1][0]))
+            self._exited = dict(best)
 
     def _expire(self, now: float, live: dict[int, Process]) -> None:
         cutoff = now - self.expiry_s
-        for pid in [pid for pid, (t, p) in self._exited.items()
-                    if t < cutoff or live.get(pid) not in (None, p)]:
+        # A live process with the same pid (reused) replaces the exited one.
+        for pid in [pid for pid, (t, _) in self._exited.items() if t < cutoff or pid in live]:
             del self._exited[pid]
 
-    def snapshot(self, model: Model, now: float) -> Snapshot:
-        """The figures to export now (``now``: monotonic seconds)."""
+    def refresh_families(self, model: Model) -> None:
+        """Recompute the top-K families (a pass over every live anon_vma:
+        tens of ms at 100,000 of them), for snapshots that do not."""
+        self._families = self._top_families(model)
+
+    def snapshot(self, model: Model, now: float, families: bool = True) -> Snapshot:
+        """The figures to export now (``now``: monotonic seconds). With
+        ``families`` False the families of the last :meth:`refresh_families`
+        are used: `serve` refreshes them from its event loop every two
+        seconds so that a scrape never pays for that pass."""
         live = model.processes
         self._expire(now, live)
         snap = Snapshot(tracked_processes=len(live),
@@ -105,7 +128,10 @@ class TopView:
         snap.anon_vmas = len(model.anon_vmas)
         snap.anon_vma_chains = model.anon_vma_chain_count()
         snap.processes = self._top_processes(model)
-        snap.families, snap.orphaned_anon_vmas = self._top_families(model)
+        snap.orphaned_anon_vmas = model.orphaned_count()
+        if families:
+            self.refresh_families(model)
+        snap.families = self._families
         return snap
 
     def _top_processes(self, model: Model) -> list[ProcessRow]:
@@ -122,11 +148,7 @@ class TopView:
             f = model.figures(p)
             rows.append(ProcessRow(p.pid, safe_comm(p.comm), f.anon_vmas, f.anon_vma_chains,
                                    f.max_depth, f.max_degree, True))
-        for _, p in self._exited.values():
-            if p.at_exit is not None and p.at_exit.anon_vmas and self.eligible(p):
-                f = p.at_exit
-                rows.append(ProcessRow(p.pid, safe_comm(p.comm), f.anon_vmas,
-                                       f.anon_vma_chains, f.max_depth, f.max_degree, False))
+        rows.extend(row for _, row in self._exited.values())
         rows.sort(key=lambda r: (-r.anon_vmas, -r.max_depth, r.pid))
         return rows[:self.top_k]
 
@@ -141,13 +163,11 @@ class TopView:
         owner = self._root_owner[key] = (pid, comm)
         return owner
 
-    def _top_families(self, model: Model) -> tuple[list[FamilyRow], int]:
+    def _top_families(self, model: Model) -> list[FamilyRow]:
         fams = model.families()
-        orphaned = 0
         by_owner: dict[tuple[int, str], list[int]] = {}
         live: set[tuple[int, int]] = set()
         for root, (n, orph, depth, pid, serial) in fams.items():
-            orphaned += orph
             if not root or serial < 0:
                 continue    # root not tracked: no creator to name the family by
             key = (root, serial)
@@ -165,10 +185,10 @@ class TopView:
         # Forget owners of roots that are gone (bounded memory).
         if len(self._root_owner) > len(live):
             self._root_owner = {k: o for k, o in self._root_owner.items() if k in live}
-        if len(self._comms) > 4 * len(model.processes) + 1024:
+        if len(self._comms) > len(model.processes) + 4096:
             self._comms = {pid: c for pid, c in self._comms.items() if pid in self._exited}
         best = heapq.nlargest(self.top_k, by_owner.items(),
                               key=lambda kv: (kv[1][0], kv[1][2], -kv[0][0]))
         rows = [FamilyRow(str(pid), safe_comm(comm), n, orph, depth)
                 for (pid, comm), (n, orph, depth) in best]
-        return rows, orphaned
+        return rows

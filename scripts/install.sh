@@ -30,6 +30,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# Debian's prometheus package (promtool, and the server the end-to-end test
+# starts on a free loopback port) enables a daemon on :9090: the tests need
+# none of it running.
+if [ "$want_test" = 1 ] && command -v systemctl >/dev/null && \
+        systemctl is-enabled prometheus >/dev/null 2>&1; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 
 # BCC's Python module lives in Debian's python3: the venv must see it.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then

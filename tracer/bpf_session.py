@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -46,6 +47,11 @@ def import_bcc() -> Any:
             "anontrace with /usr/bin/python3 or a venv made with --system-site-packages"
         ) from exc
     return bcc
+
+
+_COMPILER_LIB = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
+_MADV_DONTNEED = 4
+MAX_POLL_BATCH = 8192    # records one poll() takes from the ring buffer at most
 
 
 def require_root() -> None:
@@ -146,6 +152,7 @@ class TraceSession:
         self.transport = ""
         self._bpf: Any = None
         self._raw: list[bytes] = []
+        self._census_progs: dict[bool, tuple[Any, Any]] = {}   # census_all -> (BPF, fn)
         self.recorder: Callable[[bytes], None] | None = None
         self._decode_errors = 0
         self._perf_lost = 0
@@ -205,11 +212,43 @@ class TraceSession:
         summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
         raise AnontraceError(f"no backend can trace anon_vmas on this kernel ({summary})")
 
+    def drop_bulk_facts(self) -> None:
+        """Forget the kernel's whole BTF and symbol table (about 150 MB of
+        Python objects) once the programs are loaded: a long-running session
+        (serve) needs only the struct layout and the plan from then on."""
+        if self.facts is not None:
+            self.facts = dataclasses.replace(self.facts, btf=None, kallsyms=Kallsyms(""))
+
+    def release_compiler_pages(self) -> int:
+        """Drop this process's resident pages of the compiler libraries
+        (libLLVM, libclang: about 80 MB) once every program a session will
+        use is loaded. Only read-only file mappings are touched, so a later
+        compile faults them back in from the page cache. Returns the bytes
+        advised away."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = 0
+        try:
+            with open("/proc/self/maps") as f:
+                lines = f.readlines()
+        except OSError:
+            return 0
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 6 or "w" in parts[1] or not _COMPILER_LIB.search(parts[5]):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+                done += hi - lo
+        return done
+
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
         self._release()
 
     def _release(self) -> None:
+        for prog, _ in self._census_progs.values():
+            prog.cleanup()
+        self._census_progs.clear()
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
@@ -289,8 +328,14 @@ class TraceSession:
                 raise _AttachFailed(f"{choice.function}: {msg}") from exc
 
     def _open_buffer(self, ringbuf: bool) -> None:
-        def on_event(_ctx: Any, data: Any, size: int) -> None:
-            self._raw.append(ctypes.string_at(data, size))
+        raw = self._raw
+
+        def on_event(_ctx: Any, data: Any, size: int) -> int:
+            raw.append(ctypes.string_at(data, size))
+            # libbpf keeps consuming while the producer keeps producing:
+            # stop at a batch (this record is kept), so a fork storm cannot
+            # grow the batch, and the consumer's memory, without bound.
+            return -1 if len(raw) >= MAX_POLL_BATCH else 0
 
         def on_lost(count: int) -> None:
             self._perf_lost += count
@@ -302,26 +347,36 @@ class TraceSession:
             table.open_perf_buffer(on_event, page_cnt=256, lost_cb=on_lost)
 
     # -- census ----------------------------------------------------------
-    def census(self, pids: tuple[int, ...] | None) -> tuple[bytes, str | None]:
+    def census(self, pids: tuple[int, ...] | None, keep: bool = False
+               ) -> tuple[bytes, str | None]:
         """The anon_vma facts of every VMA the given (already running)
         processes hold now (``None``: every process), read with a task_vma
         BPF iterator.
 
         Returns the raw census records (wire format, ending with a
         completion marker), or no records and the reason the kernel would
-        not run the iterator.
+        not run the iterator. With ``keep`` the compiled iterator stays
+        loaded until the session closes, for the next census: a daemon
+        then never needs the compiler again.
         """
         assert self.facts is not None and self.facts.layout is not None and self.plan
         bcc = import_bcc()
-        opts = dataclasses.replace(self._build_options(self.plan), census_all=pids is None)
-        flags = cflags(self.plan, self.facts.layout, opts) + ["-w"]
+        census_all = pids is None
         captured: list[str] = []
+        cached = self._census_progs.get(census_all)
         prog = None
         try:
-            with _captured_stderr(captured):
-                prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
-                fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
+            if cached is None:
+                opts = dataclasses.replace(self._build_options(self.plan), census_all=census_all)
+                flags = cflags(self.plan, self.facts.layout, opts) + ["-w"]
+                with _captured_stderr(captured):
+                    prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
+                    fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
+                cached = (prog, fn)
+            else:
+                prog, fn = cached
             table = prog[b"census_tgids"]
+            table.clear()
             for pid in pids or ():
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             raw = _read_iterator(bcc, fn.fd)
@@ -329,9 +384,13 @@ class TraceSession:
             msg = _last_line(str(exc)) or type(exc).__name__
             if "Operation not permitted" in msg + (captured[0] if captured else ""):
                 msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
+            keep = False
             return b"", msg
         finally:
-            if prog is not None:
+            if keep:
+                self._census_progs[census_all] = cached
+            elif prog is not None:
+                self._census_progs.pop(census_all, None)
                 prog.cleanup()
         usable = len(raw) - len(raw) % WIRE.size
         return raw[:usable] + _census_marker(time.monotonic_ns()), None
@@ -354,7 +413,8 @@ class TraceSession:
             self._bpf.ring_buffer_poll(timeout_ms)
         else:
             self._bpf.perf_buffer_poll(timeout_ms)
-        raw, self._raw = self._raw, []
+        raw = self._raw[:]
+        del self._raw[:]       # the same list object: on_event holds it
         if not raw:
             return []
         if self.recorder is not None:
@@ -372,6 +432,11 @@ class TraceSession:
     def drain(self) -> list[Event]:
         """Everything still buffered, including derived events held back."""
         out = self.poll(0)
+        while True:   # one poll takes at most MAX_POLL_BATCH records
+            more = self.poll(0)
+            if not more:
+                break
+            out.extend(more)
         if self._deriver is not None:
             out.extend(self._deriver.flush())
         return out

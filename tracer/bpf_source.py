@@ -81,6 +81,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     d["FILTER_MAX"] = opts.filter_max
     d["MAX_DEPTH"] = opts.max_depth
     d["MAX_CHAIN"] = opts.max_chain
+    d["CENSUS_MAX"] = opts.filter_max
     if opts.census_all:
         d["CENSUS_ALL"] = None
     return ([f"-I{BPF_DIR}"] +

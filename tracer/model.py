@@ -172,6 +172,7 @@ class Model:
         self.anomalies = 0
         self._ppid_of = ppid_of or (lambda pid: 0)
         self.keep_retired = keep_retired
+        self.chains = 0                  # anon_vma_chain entries on tracked VMAs
         # anon_vmas first learned from a live event (not a census), by depth
         self.learned_depths: dict[int, int] = {}
         self._dispatch: dict[Kind, Callable[[Event], None]] = {
@@ -512,10 +513,12 @@ class Model:
         old = vmas.get(key)
         if old is None:
             vmas[key] = new
+            self.chains += new >> _CHAIN
             if i != NO_AV:
                 self._active[i] += 1
         elif old != new:
             vmas[key] = new
+            self.chains += (new >> _CHAIN) - (old >> _CHAIN)
             j = old & _ID
             if j != i:
                 active = self._active
@@ -542,6 +545,7 @@ class Model:
         v = vmas.pop(key, None)
         if v is None:
             return False
+        self.chains -= v >> _CHAIN
         i = v & _ID
         if i != NO_AV and self._active[i] > 0:
             self._active[i] -= 1
@@ -552,7 +556,8 @@ class Model:
         if ev.mm:
             mm = self._mm(ev.mm)
             mm.events[PROBE_INDEX[Kind.UNLINK_ANON_VMAS]] += 1
-            self._forget_vma(mm.vmas, key)
+            if self._forget_vma(mm.vmas, key) and not mm.vmas:
+                self._forget_mm_if_orphan(mm)
         elif ev.vma:
             # No mm (never seen from the BPF side): the VMA in any mm.
             for mm in self.mms.values():
@@ -613,6 +618,14 @@ class Model:
                 proc.comm = ev.comm
             self._retire(proc, ev.ts)
 
+    def _forget_mm_if_orphan(self, mm: Mm) -> None:
+        """An mm with no VMAs left whose owner is gone (its teardown after
+        the exit event, v6.16+): drop it now, not at the next sweep, so a
+        fork storm's dead address spaces do not pile up."""
+        proc = self.processes.get(mm.tgid)
+        if (proc is None or proc.mm is not mm) and self.mms.get(mm.ptr) is mm:
+            del self.mms[mm.ptr]
+
     def _retire(self, proc: Process, ts: int) -> None:
         # Since v6.16 the exit tracepoint precedes exit_mm(), so the figures
         # are still there; on older kernels the mm is already torn down.
@@ -621,6 +634,9 @@ class Model:
         proc.exited_ts = ts
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
+        if proc.mm is not None and not proc.mm.vmas:
+            # Torn down before its exit event (before v6.16): nothing left.
+            self._forget_mm_if_orphan(proc.mm)
         self.exited.append(proc)
         if not self.keep_retired:
             pass
@@ -659,8 +675,13 @@ class Model:
             events=dict(zip(PROBE_NAMES, events)))
 
     def anon_vma_chain_count(self) -> int:
-        """anon_vma_chain entries on all tracked VMAs."""
-        return sum(v >> _CHAIN for mm in self.mms.values() for v in mm.vmas.values())
+        """anon_vma_chain entries on all tracked VMAs (kept as they change)."""
+        return self.chains
+
+    def orphaned_count(self) -> int:
+        """Live anon_vmas that no tracked VMA points at. Free slots of the
+        columns have no active VMA either: count the zeros in C, less them."""
+        return self._active.count(0) - len(self._free)
 
     def totals(self) -> dict[str, int]:
         """System (traced-scope) totals."""

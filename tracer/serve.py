@@ -7,6 +7,8 @@ leaving the TraceSession context detaches every probe.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import operator
 import os
 import signal
@@ -24,13 +26,13 @@ from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
 from exporters.view import TopView
 from tracer import __version__
 from tracer.config import ServeConfig, parse_listen
-from tracer.events import LOGICAL_KINDS, Event, decode_many, lost_total
+from tracer.events import LOGICAL_KINDS, WIRE, Event, decode_many, lost_total
 from tracer.model import Model, Process
 from tracer.procs import proc_cgroup, proc_comm, proc_ppid
 
-SERVE_RINGBUF_PAGES = 4096  # 16 MiB
+SERVE_RINGBUF_PAGES = 1024  # 4 MiB
 APPLY_CHUNK = 4096          # events applied per lock hold: a scrape waits at most one chunk
-HOUSEKEEPING_S = 1.0        # exited processes, lost counters
+HOUSEKEEPING_S = 2.0        # exited processes, lost counters, families
 FORGET_MM_S = 10.0          # drop dead address spaces
 RESYNC_MIN_S = 10.0         # at most one census rebuild per this many seconds
 _KIND = operator.attrgetter("kind")
@@ -79,25 +81,33 @@ class ServeState:
         self.build = build
         self.probes = probes
 
-    def load_census(self, processes: list[tuple[int, str]], census: list[Event],
+    def load_census(self, processes: list[tuple[int, str]], census: bytes,
                     missing: str | None) -> None:
         """(Re)build the model from the running processes and a census of
-        their VMAs: at start, and after lost events left it stale (a missed
-        free keeps a dead anon_vma, and its family, forever). Counters and
-        the depth histogram carry over: they only ever grow."""
-        model = Model(ppid_of=proc_ppid, keep_retired=False)
-        for pid, comm in processes:
-            model.add_process(pid, comm, preexisting=True)
-        if missing:
-            model.add_reason(f"no census of pre-existing VMAs: {missing}")
-        model.apply_all(census)
+        their VMAs (raw records): at start, and after lost events left it
+        stale (a missed free keeps a dead anon_vma, and its family, forever).
+        Counters and the depth histogram carry over: they only ever grow.
+
+        The old model is dropped first and the census applied in chunks,
+        under the lock: a scrape waits for the rebuild (about a second at
+        10,000 processes) rather than the daemon holding two models."""
         with self.lock:
-            model.learned_depths = self.model.learned_depths
-            model.note_lost(self.lost_events)
-            if self.model.events_applied:
+            old = self.model
+            if old.events_applied:
                 self.resyncs += 1
-            self.model = model
+            model = self.model = Model(ppid_of=proc_ppid, keep_retired=False)
+            model.learned_depths = old.learned_depths
+            model.note_lost(self.lost_events)
+            del old
             self.view.reset_owners()
+            for pid, comm in processes:
+                model.add_process(pid, comm, preexisting=True)
+            if missing:
+                model.add_reason(f"no census of pre-existing VMAs: {missing}")
+            step = APPLY_CHUNK * WIRE.size
+            for i in range(0, len(census), step):
+                model.apply_all(decode_many(census[i:i + step]))
+            self.view.refresh_families(model)
 
     def feed(self, events: list[Event]) -> None:
         """Apply events, a chunk per lock hold."""
@@ -110,7 +120,8 @@ class ServeState:
                 self.model.apply_all(events[i:i + APPLY_CHUNK])
 
     def housekeeping(self, now: float, lost: int, forget_mms: bool) -> list[int]:
-        """Retire exited processes into the view; returns their pids."""
+        """Retire exited processes into the view and refresh the families;
+        returns the exited pids."""
         with self.lock:
             self.lost_events = lost
             self.model.note_lost(lost)
@@ -118,15 +129,26 @@ class ServeState:
             self.view.note_exited(exited, now)
             if forget_mms:
                 self.model.forget_mm_if_dead()
+            self.view.refresh_families(self.model)
         return [p.pid for p in exited]
 
     def export(self) -> ExportState:
         """What a scrape exports now (called from collect())."""
         with self.lock:
-            snap = self.view.snapshot(self.model, time.monotonic())
+            snap = self.view.snapshot(self.model, time.monotonic(), families=False)
             return ExportState(snapshot=snap, events_by_probe=dict(self.events_by_probe),
                                lost_events=self.lost_events, resyncs=self.resyncs,
                                build=self.build, probes=self.probes)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory of BCC's compile and of the BTF parse back to the
+    system (glibc keeps freed heap otherwise): a daemon's RSS is watched."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass    # not glibc: nothing to trim
 
 
 def _probe_statuses(plan: Any) -> list[ProbeStatus]:
@@ -164,16 +186,21 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
     require_root()
     host, port = parse_listen(listen or cfg.listen)
     # A daemon sees every process's bursts (a parallel build, a fork storm):
-    # 16 MiB of ring buffer rides out seconds of them instead of one.
+    # 4 MiB of ring buffer (25k events) rides out more of them than 1 MiB,
+    # and costs 8 MB of RSS (the kernel maps the data pages twice).
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
                         ringbuf_pages=SERVE_RINGBUF_PAGES)
     with _Stop() as signals, TraceSession(opts) as session:
         assert session.plan is not None
+        session.drop_bulk_facts()
+        _return_freed_memory()
         build = {"version": __version__, "kernel": os.uname().release,
                  "backend": session.plan.backend, "transport": session.transport}
         selection = Selection(cfg)
         state = ServeState(cfg, build, _probe_statuses(session.plan), selection)
         can_resync = _census(session, state, cfg.selection.pids)
+        session.release_compiler_pages()
+        _return_freed_memory()
         registry = CollectorRegistry()
         AnontraceCollector(state.export, registry=registry)
         ProcessCollector(registry=registry)
@@ -193,14 +220,13 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
 def _census(session: Any, state: ServeState, pids: tuple[int, ...]) -> bool:
     """Load the model from a census of the running processes (``pids`` and
     their descendants, or all). False if the kernel refuses the iterator."""
-    wanted = set(pids)
+    if pids:
+        # The configured pids and every descendant the model tracks now.
+        with state.lock:
+            pids = tuple(sorted(set(pids) | set(state.model.processes)))
     running = [(pid, proc_comm(pid)) for pid in (pids or _running_pids())]
-    census, missing = session.census(pids or None)
-    events = decode_many(census)
-    if wanted:
-        # Descendants forked since the filter began are traced too.
-        running += [(ev.tgid, ev.comm) for ev in events if ev.tgid not in wanted]
-    state.load_census([(p, c) for p, c in running if c], events, missing)
+    census, missing = session.census(pids or None, keep=True)
+    state.load_census([(p, c) for p, c in running if c], census, missing)
     return missing is None
 
 
@@ -212,7 +238,7 @@ def _loop(session: Any, state: ServeState, selection: Selection,
     now = time.monotonic()
     next_house = next_forget = now
     next_resync = now + RESYNC_MIN_S
-    synced_lost = 0
+    synced_lost = prev_lost = 0
     while not (stop.is_set() or signalled.is_set()):
         state.feed(session.poll(100))
         now = time.monotonic()
@@ -225,10 +251,16 @@ def _loop(session: Any, state: ServeState, selection: Selection,
         next_house = now + HOUSEKEEPING_S
         if forget:
             next_forget = now + FORGET_MM_S
-        if resync_pids is not None and lost > synced_lost and now >= next_resync:
+            _return_freed_memory()
+        # Resync once the losses have stopped (the storm is over): while
+        # they go on, a census would be stale again within the second.
+        storm_over = lost == prev_lost
+        prev_lost = lost
+        if resync_pids is not None and lost > synced_lost and storm_over and now >= next_resync:
             # Apply what is already buffered first: the census then
             # supersedes it, and later events follow on from the census.
             state.feed(session.poll(0))
             _census(session, state, resync_pids)
+            _return_freed_memory()
             synced_lost = lost
             next_resync = time.monotonic() + RESYNC_MIN_S

@@ -119,6 +119,9 @@ def check_invariants(m: Model) -> None:
     assert min(t.values()) >= 0
     assert t["anon_vmas"] == len(m.anon_vmas)
     assert t["orphaned_anon_vmas"] <= t["anon_vmas"]
+    # the counts serve keeps as it goes equal the counts recomputed
+    assert m.anon_vma_chain_count() == t["anon_vma_chains"]
+    assert m.orphaned_count() == t["orphaned_anon_vmas"]
     for p in list(m.processes.values()) + m.retired:
         f = m.figures(p)
         assert min(f.anon_vmas, f.anon_vma_chains, f.max_depth, f.max_degree,
