@@ -222,21 +222,13 @@ class TraceSession:
     def release_compiler_pages(self) -> int:
         """Drop this process's resident pages of the compiler libraries
         (libLLVM, libclang: about 80 MB) once every program a session will
-        use is loaded. Only read-only file mappings are touched, so a later
-        compile faults them back in from the page cache. Returns the bytes
-        advised away."""
+        use is loaded. Only clean file pages are dropped (read-only, no
+        anonymous or dirty pages: not the relocated RELRO data), so a later
+        compile faults them back in from the page cache unchanged. Returns
+        the bytes advised away."""
         libc = ctypes.CDLL(None, use_errno=True)
         done = 0
-        try:
-            with open("/proc/self/maps") as f:
-                lines = f.readlines()
-        except OSError:
-            return 0
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 6 or "w" in parts[1] or not _COMPILER_LIB.search(parts[5]):
-                continue
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        for lo, hi in _clean_mappings(_COMPILER_LIB):
             if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
                 done += hi - lo
         return done
@@ -478,6 +470,36 @@ class TraceSession:
         while not should_stop():
             yield from self.poll(timeout_ms)
         yield from self.drain()
+
+
+def _clean_mappings(path_re: "re.Pattern[str]", smaps: str = "/proc/self/smaps"
+                    ) -> list[tuple[int, int]]:
+    """[lo, hi) of this process's read-only file mappings whose path matches
+    and that hold no anonymous or dirty page."""
+    out: list[tuple[int, int]] = []
+    try:
+        with open(smaps) as f:
+            text = f.read()
+    except OSError:
+        return out
+    cur: list[int] | None = None
+    clean = True
+    for line in text.splitlines():
+        head = line.split(None, 1)[0]
+        if "-" in head and not head.endswith(":"):
+            if cur is not None and clean:
+                out.append((cur[0], cur[1]))
+            parts = line.split()
+            cur = None
+            if len(parts) >= 6 and "w" not in parts[1] and path_re.search(parts[5]):
+                cur = [int(x, 16) for x in parts[0].split("-")]
+                clean = True
+        elif cur is not None and head in ("Anonymous:", "Private_Dirty:", "Swap:"):
+            if line.split()[1] != "0":
+                clean = False
+    if cur is not None and clean:
+        out.append((cur[0], cur[1]))
+    return out
 
 
 class _AttachFailed(Exception):

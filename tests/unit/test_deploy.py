@@ -18,6 +18,8 @@ import yaml
 
 from tracer.config import parse_config, parse_listen
 
+from tests.unit.promtool import promtool
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "anontrace.service"
@@ -58,13 +60,6 @@ def unit_directives(path: Path = UNIT) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def promtool(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool not found: run scripts/install.sh --test, which installs "
-                    "Debian's prometheus package (it provides promtool)")
-    return subprocess.run([exe, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
 
 
 # --- Kubernetes -----------------------------------------------------------------------

@@ -8,7 +8,6 @@ not skip.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,6 +20,8 @@ from exporters.metrics_spec import sample_names
 from exporters.rules import build_groups, prometheus_duration, render_rules, rule_names
 from tracer.config import GrowthConfig
 
+from tests.unit.promtool import promtool
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "prometheus" / "anontrace.rules.yml"
 PROMTOOL_TESTS = ROOT / "tests" / "rules" / "anontrace.rules.test.yml"
@@ -31,14 +32,6 @@ GROWTH_ALERTS = {"AnontraceFamilyDeepening", "AnontraceFamilyAnonVmaGrowth",
 OPERATIONAL_ALERTS = {"AnontraceLostEvents", "AnontraceProbeDetached", "AnontraceExporterDown"}
 
 
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run promtool from the repository root; fail (not skip) when it is missing."""
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool not found: run scripts/install.sh --test, which installs "
-                    "Debian's prometheus package (it provides promtool)")
-    return subprocess.run([exe, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
 
 
 def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
