@@ -451,9 +451,18 @@ class Model:
         if not vma:
             return
         tgid = ev.tgid
-        if tgid and ev.cur_mm == mm_ptr and (mm.tgid != tgid or (
-                (proc := self.processes.get(tgid)) is not None and proc.mm is not mm)):
-            self._own(mm, tgid, ev.comm)
+        if tgid and ev.cur_mm == mm_ptr:
+            if mm.tgid != tgid:
+                self._own(mm, tgid, ev.comm)
+            else:
+                proc = self.processes.get(tgid)
+                if proc is not None:
+                    if proc.mm is not mm:
+                        self._own(mm, tgid, ev.comm)
+                    elif proc.comm != ev.comm and ev.tid == tgid:
+                        # Renamed (prctl PR_SET_NAME) since fork or exec; only
+                        # the leader's name is the process's, not a thread's.
+                        proc.comm = ev.comm
         chain = ev.chain_len
         av = ev.anon_vma
         if av:
@@ -483,8 +492,11 @@ class Model:
                 self._own(mm, tgid, ev.comm)
             elif tgid:
                 proc = self.processes.get(tgid)
-                if proc is not None and proc.mm is not mm:
-                    self._own(mm, tgid, ev.comm)
+                if proc is not None:
+                    if proc.mm is not mm:
+                        self._own(mm, tgid, ev.comm)
+                    elif proc.comm != ev.comm and ev.tid == tgid:
+                        proc.comm = ev.comm    # renamed since fork or exec
         chain = ev.chain_len
         av = ev.anon_vma
         if av:

@@ -147,3 +147,21 @@ def test_family_survives_root_pointer_reuse() -> None:
     m.apply(ev(Kind.AV_FREE, anon_vma=av))
     own(20, "new")
     assert [(f.family, f.comm) for f in view.snapshot(m, 1.0).families] == [("20", "new")]
+
+
+def test_prctl_rename_reaches_the_label_but_thread_names_do_not() -> None:
+    m = Model()
+    mm = 0xffff888300000000
+
+    def fault(vma: int, tid: int, comm: str) -> None:
+        m.apply(ev(Kind.PAGE_SET_ANON_RMAP, tgid=7, tid=tid, mm=mm, cur_mm=mm, vma=vma,
+                   anon_vma=vma + 0x100, root=vma + 0x100, parent=vma + 0x100, depth=1,
+                   chain_len=1, comm=comm))
+
+    m.apply(ev(Kind.PROC_EXEC, tgid=7, mm=mm, cur_mm=mm, comm="worker"))
+    fault(mm + 0x10, 7, "worker")
+    fault(mm + 0x20, 8, "gc-thread")          # a thread's name is not the process's
+    assert m.processes[7].comm == "worker"
+    fault(mm + 0x30, 7, 'a"b\nc')             # the leader renamed itself
+    snap = TopView(top_k=1, expiry_s=1).snapshot(m, now=0.0)
+    assert [(r.pid, r.comm) for r in snap.processes] == [(7, 'a"b?c')]
