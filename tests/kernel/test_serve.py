@@ -57,8 +57,8 @@ def _series(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    srv = Serve(tmp_path_factory.mktemp("serve"), CONFIG)
+def serve(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[Serve]:
+    srv = Serve(tmp_path_factory.mktemp("serve"), CONFIG + f"backend: {backend}\n")
     yield srv
     srv.stop()
 
@@ -156,8 +156,8 @@ def test_series_bounded_through_churn(serve: Serve) -> None:
         ('a"b', "c\\d", "e?f", "{g=}", "j,k"))], "exited churn processes did not expire"
 
 
-def test_sigterm_detaches_everything(tmp_path: Path) -> None:
-    srv = Serve(tmp_path, CONFIG)
+def test_sigterm_detaches_everything(tmp_path: Path, backend: str) -> None:
+    srv = Serve(tmp_path, CONFIG + f"backend: {backend}\n")
     ours = bpf_prog_ids() - srv.progs_before
     assert ours, "serve loaded no BPF program"
     assert srv.stop() == 0, srv.output()
