@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracer.events import F_THREAD, WIRE, Kind, Site  # noqa: E402,F401
+from tracer.events import WIRE, Kind, Site  # noqa: E402
 from tracer.model import Model  # noqa: E402
 from tracer.recording import EVENTS, RecordingReader, RecordingWriter  # noqa: E402
 
