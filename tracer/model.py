@@ -650,12 +650,11 @@ class Model:
             # Torn down before its exit event (before v6.16): nothing left.
             self._forget_mm_if_orphan(proc.mm)
         self.exited.append(proc)
-        if not self.keep_retired:
-            pass
-        elif len(self.retired) < MAX_RETIRED:
-            self.retired.append(proc)
-        else:
-            self.retired_dropped += 1
+        if self.keep_retired:
+            if len(self.retired) < MAX_RETIRED:
+                self.retired.append(proc)
+            else:
+                self.retired_dropped += 1
 
     # -- output -----------------------------------------------------------
     def figures(self, proc: Process) -> ProcessFigures:
@@ -697,12 +696,10 @@ class Model:
 
     def totals(self) -> dict[str, int]:
         """System (traced-scope) totals."""
-        active = self._active
         return {
             "anon_vmas": len(self._avs),
-            "anon_vma_chains": sum(v >> _CHAIN for mm in self.mms.values()
-                                   for v in mm.vmas.values()),
-            "orphaned_anon_vmas": sum(1 for v in self._avs.values() if not active[v & _ID]),
+            "anon_vma_chains": self.chains,
+            "orphaned_anon_vmas": self.orphaned_count(),
         }
 
     def families(self) -> dict[int, list[int]]:

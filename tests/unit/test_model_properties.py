@@ -119,7 +119,9 @@ def check_invariants(m: Model) -> None:
     assert min(t.values()) >= 0
     assert t["anon_vmas"] == len(m.anon_vmas)
     assert t["orphaned_anon_vmas"] <= t["anon_vmas"]
-    # the counts serve keeps as it goes equal the counts recomputed
+    # the totals, kept as events arrive, equal the totals recomputed here
+    assert t["anon_vma_chains"] == sum(v.chain for _, _, v in vmas)
+    assert t["orphaned_anon_vmas"] == sum(1 for av in avs.values() if not av.active)
     assert m.anon_vma_chain_count() == t["anon_vma_chains"]
     assert m.orphaned_count() == t["orphaned_anon_vmas"]
     for p in list(m.processes.values()) + m.retired:
