@@ -13,9 +13,10 @@ WORKLOADS = ROOT / "tests" / "workloads"
 BUILD = ROOT / "build" / "workloads"
 
 
-def build_workload(name: str) -> Path:
-    """Compile tests/workloads/<name>.c (once) and return the binary."""
-    src = WORKLOADS / f"{name}.c"
+def build_workload(name: str, src_dir: Path = WORKLOADS) -> Path:
+    """Compile <src_dir>/<name>.c (tests/workloads by default; bench/workloads
+    for the benchmarks' fork loop) once and return the binary."""
+    src = src_dir / f"{name}.c"
     out = BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(parents=True, exist_ok=True)

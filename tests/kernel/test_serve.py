@@ -203,7 +203,7 @@ def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> Non
     assert [t["health"] for t in targets] == ["up"], targets
 
     # 1. A steady fork loop for 3 windows: no growth alert for its family.
-    loop_bin = _build_forkloop()
+    loop_bin = build_workload("forkloop", ROOT / "bench" / "workloads")
     loop = _start([str(loop_bin), "60", "16", "4"])
     loop_pid = _line(loop, 30)["pid"]
     assert loop.stdin is not None
@@ -266,14 +266,6 @@ def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> Non
         deepen.kill()
         deepen.wait()
         subprocess.run(["pkill", "-KILL", "-f", "build/workloads/deepen"], check=False)
-
-
-def _build_forkloop() -> Path:
-    src = ROOT / "bench" / "workloads" / "forkloop.c"
-    out = ROOT / "build" / "workloads" / "forkloop"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 def _every_dashboard_query(prom: Prometheus, family: str) -> None:
