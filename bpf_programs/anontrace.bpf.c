@@ -27,7 +27,7 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
-BPF_PERCPU_ARRAY(scratch, struct event, 1);
+BPF_PERCPU_ARRAY(scratch, struct work, 1);
 BPF_HASH(filter, u32, u8, FILTER_MAX);
 
 static __always_inline void count(int idx)
@@ -55,9 +55,10 @@ static __always_inline int wanted(void)
 static __always_inline struct event *new_event(u32 kind)
 {
     int zero = 0;
-    struct event *e = scratch.lookup(&zero);
-    if (!e)
+    struct work *w = scratch.lookup(&zero);
+    if (!w)
         return 0;
+    struct event *e = &w->e;
     __builtin_memset(e, 0, sizeof(*e));
     u64 id = bpf_get_current_pid_tgid();
     e->ts = bpf_ktime_get_ns();
@@ -263,9 +264,11 @@ static __always_inline void emit_avc(void *ctx, u32 kind, u32 site, u64 avc, u32
     struct event *e = new_event(kind);
     if (!e)
         return;
-    fill_vma(e, rd64(avc + OFF_AVC_VMA));
+    u64 anon_vma;
+    u64 vma = read_avc(e, avc, &anon_vma);
+    fill_vma(e, vma);
     e->aux = avc;
-    e->aux2 = rd64(avc + OFF_AVC_ANON_VMA);
+    e->aux2 = anon_vma;
     e->site = site;
     e->flags |= flags;
     submit(ctx, e);
@@ -296,8 +299,52 @@ struct pending {
     u64 prep_av;
     u64 prep_avc;
     u64 sync;   // an unlink is in progress: tell user space when it ends
+    u64 live;   // the task has an operation open (the fields above may all be 0)
 };
-BPF_HASH(pending, u32, struct pending, 16384);
+
+#ifdef HAVE_TASK_STORAGE
+// Task-local storage (v5.11: 4cf1bc1f1045, tracing programs a10787e6d58c):
+// found through the task, no hash, no bucket lock, freed with the task. A
+// fork's teardown touches the pending state about 150 times, and hash map
+// updates and deletes were most of what tracing cost it.
+BPF_TASK_STORAGE(pending, struct pending);
+
+static __always_inline struct pending *pending_get(int create)
+{
+    struct pending *p = pending.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                 create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+    if (!p && create)
+        count(C_LOST_PENDING);
+    return p;
+}
+
+static __always_inline void pending_drop(struct pending *p)
+{
+    __builtin_memset(p, 0, sizeof(*p));
+}
+#else
+BPF_HASH(pending_map, u32, struct pending, 16384);
+
+static __always_inline struct pending *pending_get(int create)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending_map.lookup(&tid);
+    if (p || !create)
+        return p;
+    struct pending zero = {};
+    if (pending_map.update(&tid, &zero)) {
+        count(C_LOST_PENDING);
+        return 0;
+    }
+    return pending_map.lookup(&tid);
+}
+
+static __always_inline void pending_drop(struct pending *p)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    pending_map.delete(&tid);
+}
+#endif
 
 static __always_inline void flush_clone(void *ctx, struct pending *p)
 {
@@ -340,31 +387,26 @@ static __always_inline int fork_done(struct pending *p)
     return p->fork_av && rd64(p->fork_av + OFF_AV_PARENT) != p->fork_av;
 }
 
-static __always_inline void flush_all(void *ctx, u32 tid)
+// Flush what the current task has pending; returns whether it had an
+// operation open.
+static __always_inline int flush_all(void *ctx)
 {
-    struct pending *p = pending.lookup(&tid);
-    if (!p)
-        return;
+    struct pending *p = pending_get(0);
+    if (!p || !p->live)
+        return 0;
     flush_clone(ctx, p);
     flush_fork(ctx, p);
     flush_prep(ctx, p);
-    pending.delete(&tid);
+    pending_drop(p);
+    return 1;
 }
 
 static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending zero = {};
-    struct pending *p = pending.lookup(&tid);
-    if (!p) {
-        if (pending.update(&tid, &zero)) {
-            count(C_LOST_PENDING);
-            return;
-        }
-        p = pending.lookup(&tid);
-        if (!p)
-            return;
-    }
+    struct pending *p = pending_get(1);
+    if (!p)
+        return;
+    p->live = 1;
     flush_clone(ctx, p);
     if (site == S_CLONE) {
         if (fork_done(p))
@@ -402,10 +444,8 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
 // allocations and frees need not wait for the task's next event.
 static __always_inline void end_operation(void *ctx)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (!pending.lookup(&tid))
+    if (!flush_all(ctx))
         return;
-    flush_all(ctx, tid);
     struct event *e = new_event(K_SYNC);
     if (e)
         submit(ctx, e);
@@ -458,7 +498,7 @@ static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr
 static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr)
 {
 #ifdef DERIVE_FROM_KMEM
-    flush_all(ctx, (u32)bpf_get_current_pid_tgid());
+    flush_all(ctx);
 #endif
     // The object is still intact at kmem_cache_free: read it. The model needs
     // every anon_vma free; chain-entry frees only feed the derived backend's
@@ -472,10 +512,11 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr)
     }
 #ifdef DERIVE_FROM_KMEM
     if (site == S_UNLINK) {
-        u32 tid = (u32)bpf_get_current_pid_tgid();
-        struct pending mark = {.sync = 1};
-        if (pending.update(&tid, &mark))
-            count(C_LOST_PENDING);
+        struct pending *p = pending_get(1);
+        if (p) {
+            p->sync = 1;
+            p->live = 1;
+        }
     }
 #endif
 }
@@ -547,7 +588,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     u32 ptgid = rd(parent + OFF_TASK_TGID, 4);
     u32 ctgid = rd(child + OFF_TASK_TGID, 4);
 #ifdef DERIVE_FROM_KMEM
-    flush_all(ctx, (u32)bpf_get_current_pid_tgid());
+    flush_all(ctx);
 #endif
 #ifdef FILTER_ENABLED
     if (!wanted_tgid(ptgid))
@@ -589,7 +630,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
 #ifdef DERIVE_FROM_KMEM
-    flush_all(ctx, (u32)id);
+    flush_all(ctx);
 #endif
     if (!wanted_tgid(tgid))
         return 0;

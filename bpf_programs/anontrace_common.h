@@ -85,31 +85,68 @@ static __always_inline u64 rd(u64 addr, u32 size)
 }
 #define rd64(a) rd((a), 8)
 
+// Each struct is read with one bpf_probe_read_kernel() of the byte range
+// that covers the members we need (SPAN_*: tracer/layout.py); a fork makes
+// dozens of events and each helper call costs more than the bytes it copies.
+struct spans {
+    u8 vma[SPAN_VMA_LEN];
+    u8 av[SPAN_AV_LEN];
+    u8 avc[SPAN_AVC_LEN];
+};
+
+// The per-CPU scratch every program builds its event in: the event, then the
+// span copies its reads fill. BCC rewrites map calls only in the main file,
+// so each program looks its scratch up and the helpers below reach the
+// spans through the event (always the first member of a struct work).
+struct work {
+    struct event e;
+    struct spans sp;
+};
+
+static __always_inline struct spans *spans_of(struct event *e)
+{
+    return &((struct work *)e)->sp;
+}
+
+// On a failed read the helper zeroes the copy: every member then reads 0,
+// as rd() gives.
+#define READ_SPAN(dst, ptr, prefix) \
+    bpf_probe_read_kernel((dst), SPAN_##prefix##_LEN, (void *)((ptr) + SPAN_##prefix##_LO))
+#define SPAN_U64(buf, prefix, key) (*(u64 *)((buf) + OFF_##key - SPAN_##prefix##_LO))
+#define SPAN_NUM(buf, prefix, key) \
+    (SZ_##key == 8 ? SPAN_U64(buf, prefix, key) : \
+     SZ_##key == 4 ? (u64)*(u32 *)((buf) + OFF_##key - SPAN_##prefix##_LO) : \
+     SZ_##key == 2 ? (u64)*(u16 *)((buf) + OFF_##key - SPAN_##prefix##_LO) : \
+     (u64)*(u8 *)((buf) + OFF_##key - SPAN_##prefix##_LO))
+
 // Fill parent, root, depth and fan-out of an anon_vma.
 static __always_inline void fill_anon_vma(struct event *e, u64 av)
 {
     e->anon_vma = av;
     if (!av)
         return;
-    e->root = rd64(av + OFF_AV_ROOT);
-    e->parent = rd64(av + OFF_AV_PARENT);
+    struct spans *sp = spans_of(e);
+    READ_SPAN(sp->av, av, AV);
+    e->root = SPAN_U64(sp->av, AV, AV_ROOT);
+    e->parent = SPAN_U64(sp->av, AV, AV_PARENT);
 #ifdef AV_HAS_DEGREE
     // Before 2555283eb40d (v6.0) one `degree` counted children + VMAs.
-    e->num_children = rd(av + OFF_AV_DEGREE, SZ_AV_DEGREE);
+    e->num_children = SPAN_NUM(sp->av, AV, AV_DEGREE);
 #else
-    e->num_children = rd(av + OFF_AV_NUM_CHILDREN, SZ_AV_NUM_CHILDREN);
-    e->num_active_vmas = rd(av + OFF_AV_NUM_ACTIVE_VMAS, SZ_AV_NUM_ACTIVE_VMAS);
+    e->num_children = SPAN_NUM(sp->av, AV, AV_NUM_CHILDREN);
+    e->num_active_vmas = SPAN_NUM(sp->av, AV, AV_NUM_ACTIVE_VMAS);
 #endif
     // A root anon_vma is its own parent (anon_vma_alloc()).
     u64 cur = av;
+    u64 p = e->parent;
     u32 depth = 1;
     int i;
     for (i = 0; i < MAX_DEPTH; i++) {
-        u64 p = rd64(cur + OFF_AV_PARENT);
         if (p == 0 || p == cur)
             break;
         cur = p;
         depth++;
+        p = rd64(cur + OFF_AV_PARENT);
     }
     if (i == MAX_DEPTH)
         e->flags |= F_DEPTH_TRUNCATED;
@@ -122,11 +159,14 @@ static __always_inline void fill_vma(struct event *e, u64 vma)
     e->vma = vma;
     if (!vma)
         return;
-    e->vm_start = rd64(vma + OFF_VMA_START);
-    e->vm_end = rd64(vma + OFF_VMA_END);
-    e->mm = rd64(vma + OFF_VMA_MM);
+    struct spans *sp = spans_of(e);
+    READ_SPAN(sp->vma, vma, VMA);
+    e->vm_start = SPAN_U64(sp->vma, VMA, VMA_START);
+    e->vm_end = SPAN_U64(sp->vma, VMA, VMA_END);
+    e->mm = SPAN_U64(sp->vma, VMA, VMA_MM);
+    u64 av = SPAN_U64(sp->vma, VMA, VMA_ANON_VMA);
     u64 head = vma + OFF_VMA_AVC;
-    u64 n = rd64(head);
+    u64 n = SPAN_U64(sp->vma, VMA, VMA_AVC);
     u32 len = 0;
     int i;
     for (i = 0; i < MAX_CHAIN; i++) {
@@ -138,7 +178,16 @@ static __always_inline void fill_vma(struct event *e, u64 vma)
     if (i == MAX_CHAIN)
         e->flags |= F_CHAIN_TRUNCATED;
     e->chain_len = len;
-    fill_anon_vma(e, rd64(vma + OFF_VMA_ANON_VMA));
+    fill_anon_vma(e, av);
+}
+
+// An anon_vma_chain's VMA and anon_vma, in one read.
+static __always_inline u64 read_avc(struct event *e, u64 avc, u64 *anon_vma)
+{
+    struct spans *sp = spans_of(e);
+    READ_SPAN(sp->avc, avc, AVC);
+    *anon_vma = SPAN_U64(sp->avc, AVC, AVC_ANON_VMA);
+    return SPAN_U64(sp->avc, AVC, AVC_VMA);
 }
 
 #endif /* ANONTRACE_COMMON_H */

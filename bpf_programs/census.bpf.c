@@ -23,7 +23,7 @@ struct bpf_iter__task_vma {
 };
 
 BPF_HASH(census_tgids, u32, u8, CENSUS_MAX);
-BPF_PERCPU_ARRAY(census_scratch, struct event, 1);
+BPF_PERCPU_ARRAY(census_scratch, struct work, 1);
 
 BPF_ITER(task_vma)
 {
@@ -43,9 +43,10 @@ BPF_ITER(task_vma)
     if (!rd64(vma + OFF_VMA_ANON_VMA))
         return 0;
     int zero = 0;
-    struct event *e = census_scratch.lookup(&zero);
-    if (!e)
+    struct work *w = census_scratch.lookup(&zero);
+    if (!w)
         return 0;
+    struct event *e = &w->e;
     __builtin_memset(e, 0, sizeof(*e));
     e->ts = bpf_ktime_get_ns();
     e->kind = K_CENSUS_VMA;

@@ -93,6 +93,7 @@ class KernelFacts:
     layout: KernelLayout | None
     kprobes_available: bool
     ringbuf_available: bool
+    task_storage: bool
     kmem_free_has_name: bool
     exit_mmap_tracepoint: bool
     kmem_raw: tuple[int, int] | None
@@ -100,6 +101,13 @@ class KernelFacts:
     avc_slab_size: int | None
     headers: Headers | None
     headers_error: str | None
+
+
+def task_storage_available(kallsyms: Kallsyms) -> bool:
+    """Task-local storage from tracing programs, reached through
+    bpf_get_current_task_btf(): both v5.11 (4cf1bc1f1045, a10787e6d58c,
+    3ca1032ab7ab)."""
+    return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
 
 
 def read_kernel_facts(env: KernelEnv) -> KernelFacts:
@@ -129,6 +137,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
         kprobes_available=(env.tracefs / "kprobe_events").exists(),
         # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
         ringbuf_available="bpf_ringbuf_output" in kallsyms,
+        task_storage=task_storage_available(kallsyms),
         kmem_free_has_name="name" in tracepoint_fields(free_fmt),
         exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
         kmem_raw=kmem_raw_cache_args(btf),
@@ -233,6 +242,17 @@ class TraceSession:
                 done += hi - lo
         return done
 
+    def has_map(self, name: str) -> bool:
+        """Whether the loaded program declares the map `name` (tests use it
+        to see which variant a feature probe compiled)."""
+        if self._bpf is None:
+            return False
+        try:
+            self._bpf.get_table(name.encode())
+        except KeyError:
+            return False
+        return True
+
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
         self._release()
@@ -266,6 +286,7 @@ class TraceSession:
             kmem_free_has_name=facts.kmem_free_has_name,
             exit_mmap_tracepoint=facts.exit_mmap_tracepoint,
             kmem_raw=facts.kmem_raw,
+            task_storage=facts.task_storage,
             object_events=self.options.object_events,
             ringbuf_pages=self.options.ringbuf_pages)
 

@@ -26,6 +26,7 @@ class BuildOptions:
     kmem_free_has_name: bool = False
     exit_mmap_tracepoint: bool = False
     kmem_raw: tuple[int, int] | None = None  # cache argument positions (raw tracepoints)
+    task_storage: bool = False  # per-task pending state in task storage, not a hash
     object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
     max_chain: int = 128
@@ -69,6 +70,8 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     if opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets:
         d["KMEM_RAW"] = None
         d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
+    if opts.task_storage:
+        d["HAVE_TASK_STORAGE"] = None
     if opts.object_events:
         d["OBJECT_EVENTS"] = None
     if opts.ringbuf:

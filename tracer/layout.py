@@ -16,6 +16,15 @@ _MEMBERS: dict[str, list[tuple[str, str]]] = {
                     ("TASK_COMM", "comm")],
 }
 
+# Members read together by fill_vma() / fill_anon_vma() / emit_avc(), one read
+# per struct (see KernelLayout.spans). Absent keys (the other counter era) are
+# skipped.
+_SPAN_MEMBERS: dict[str, tuple[str, ...]] = {
+    "VMA": ("VMA_START", "VMA_END", "VMA_MM", "VMA_AVC", "VMA_ANON_VMA"),
+    "AV": ("AV_ROOT", "AV_PARENT", "AV_NUM_CHILDREN", "AV_NUM_ACTIVE_VMAS", "AV_DEGREE"),
+    "AVC": ("AVC_VMA", "AVC_ANON_VMA"),
+}
+
 
 @dataclass(frozen=True)
 class KernelLayout:
@@ -30,10 +39,25 @@ class KernelLayout:
     sizes: dict[str, int]
     counters: str
 
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Per struct prefix (VMA, AV, AVC), the byte range [lo, hi) that
+        covers every member the programs read from it: one
+        bpf_probe_read_kernel() of that range replaces one call per member,
+        and the calls, not the bytes, are what a fork pays for."""
+        out: dict[str, tuple[int, int]] = {}
+        for prefix, keys in _SPAN_MEMBERS.items():
+            present = [k for k in keys if k in self.offsets]
+            lo = min(self.offsets[k] for k in present)
+            hi = max(self.offsets[k] + self.sizes.get(k, 8) for k in present)
+            out[prefix] = (lo, hi)
+        return out
+
     def defines(self) -> dict[str, int | None]:
         """The -D macros these offsets become."""
         out: dict[str, int | None] = {f"OFF_{k}": v for k, v in self.offsets.items()}
         out.update({f"SZ_{k}": v for k, v in self.sizes.items()})
+        for prefix, (lo, hi) in self.spans().items():
+            out[f"SPAN_{prefix}_LO"], out[f"SPAN_{prefix}_LEN"] = lo, hi - lo
         if self.counters == "degree":
             out["AV_HAS_DEGREE"] = None
         return out

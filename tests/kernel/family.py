@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tracer.bpf_session import TraceOptions, TraceSession
+from tracer.bpf_session import KernelFacts, TraceOptions, TraceSession
 from tracer.events import Event, Kind
 
 
@@ -64,7 +64,8 @@ def _readline(proc: subprocess.Popen[bytes], timeout: float) -> dict:
 def run_family(binary: Path, backend: str, regions: int, generations: int,
                while_alive: Callable[[FamilyRun, TraceSession], None] | None = None,
                settle: float = 1.5, timeout: float = 120.0,
-               transport: str = "auto", object_events: bool = True) -> FamilyRun:
+               transport: str = "auto", object_events: bool = True,
+               facts: KernelFacts | None = None) -> FamilyRun:
     """Start forkchain paused, trace it (and not a bystander), let it build
     the chain, optionally inspect it alive, then let it exit and collect."""
     run = FamilyRun(backend, regions, generations)
@@ -76,7 +77,8 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
         start = _readline(proc, timeout)
         run.bystander_pid = _readline(bystander, timeout)["pid"]
         with TraceSession(TraceOptions(backend=backend, pids=(start["pid"],),
-                                       transport=transport, object_events=object_events)) as session:
+                                       transport=transport, object_events=object_events),
+                          facts=facts) as session:
             assert session.plan is not None
             run.probes = {p: (c.function, c.method) for p, c in session.plan.probes.items()}
             run.transport = session.transport

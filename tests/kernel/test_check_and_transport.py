@@ -1,13 +1,16 @@
 """`anontrace check --json` on the running kernel, and the perf-buffer path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.kernel.family import run_family
+from tests.kernel.family import FamilyRun, run_family
+from tracer.bpf_session import TraceSession, read_kernel_facts
+from tracer.kernel_env import KernelEnv
 from tracer.events import Kind
 from tracer.probes import LOGICAL_PROBES
 
@@ -47,3 +50,27 @@ def test_perf_buffer_transport(forkchain_bin, backend) -> None:
     for g in (1, 2):
         forks = run.region_events(Kind.ANON_VMA_FORK, g)
         assert sorted(e.depth for e in forks) == [g + 1, g + 1]
+
+
+def test_pending_state_in_a_hash_map(forkchain_bin, backend) -> None:
+    """Kernels before v5.11 have no task storage for tracing programs: the
+    tracepoint backend then keeps each task's pending allocations in a hash
+    map. Force that path on this kernel and check the family's facts."""
+    facts = read_kernel_facts(KernelEnv())
+    if not facts.task_storage:
+        pytest.skip("this kernel has no task storage: every tracepoint test here uses the hash map")
+    facts = dataclasses.replace(facts, task_storage=False)
+    tables: list[bool] = []
+
+    def has_hash(_run: FamilyRun, session: TraceSession) -> None:
+        tables.append(session.has_map("pending_map") and not session.has_map("pending"))
+
+    run = run_family(forkchain_bin, backend, 2, 3, while_alive=has_hash, facts=facts)
+    if run.probes["anon_vma_fork"][1] != "tracepoint":
+        pytest.skip(f"the pending state exists only on the tracepoint backend, not {backend}")
+    assert tables == [True]
+    assert sum(run.lost.values()) == 0, run.lost
+    for g in (1, 2, 3):
+        forks = run.region_events(Kind.ANON_VMA_FORK, g)
+        assert [(e.depth, e.chain_len) for e in forks] == [(g + 1, g + 1)] * 2, (g, forks)
+        assert len(run.region_events(Kind.ANON_VMA_CLONE, g)) == 2

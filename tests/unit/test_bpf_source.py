@@ -149,3 +149,20 @@ def test_flags_are_sorted_and_program_exists() -> None:
     optional = {"OFF_AV_DEGREE", "SZ_AV_DEGREE", "SITE_OTHER_START", "SITE_OTHER_END"}
     assert "OFF_AV_PARENT" in used
     assert used - optional <= set(names), sorted(used - optional - set(names))
+
+
+def test_task_storage_define_follows_the_feature() -> None:
+    assert "HAVE_TASK_STORAGE" in defines("6.18", "tracepoint", BuildOptions(task_storage=True))
+    assert "HAVE_TASK_STORAGE" not in defines("6.18", "tracepoint", BuildOptions())
+
+
+def test_task_storage_probe_needs_both_symbols() -> None:
+    """Task storage from tracing programs and bpf_get_current_task_btf()
+    both came in v5.11: the probe wants both symbols."""
+    from tracer.bpf_session import task_storage_available
+    from tracer.kernel_env import Kallsyms
+
+    both = Kallsyms("0 T bpf_task_storage_get\n0 T bpf_get_current_task_btf\n")
+    assert task_storage_available(both)
+    assert not task_storage_available(Kallsyms("0 T bpf_task_storage_get\n"))
+    assert not task_storage_available(Kallsyms("0 T bpf_get_current_task_btf\n"))

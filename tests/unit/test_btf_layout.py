@@ -51,7 +51,33 @@ def test_defines_carry_offsets(series: str) -> None:
     assert d["OFF_AV_PARENT"] == 72
     assert d["SZ_AV_NUM_CHILDREN"] == 8
     assert "AV_HAS_DEGREE" not in d
-    assert all(k.startswith(("OFF_", "SZ_")) for k in d)
+    assert all(k.startswith(("OFF_", "SZ_", "SPAN_")) for k in d)
+
+
+@pytest.mark.parametrize("series", kfix.SERIES)
+def test_spans_cover_every_member_read(series: str) -> None:
+    """One read per struct: the span must contain each member the programs
+    read from it, whole, and nothing past the last of them."""
+    lay = read_layout(kfix.btf(series))
+    d = lay.defines()
+    for prefix, keys in (("VMA", ("VMA_START", "VMA_END", "VMA_MM", "VMA_AVC", "VMA_ANON_VMA")),
+                         ("AV", ("AV_ROOT", "AV_PARENT", "AV_NUM_CHILDREN",
+                                 "AV_NUM_ACTIVE_VMAS")),
+                         ("AVC", ("AVC_VMA", "AVC_ANON_VMA"))):
+        lo, length = d[f"SPAN_{prefix}_LO"], d[f"SPAN_{prefix}_LEN"]
+        ends = []
+        for k in keys:
+            off, size = lay.offsets[k], lay.sizes.get(k, 8)
+            assert lo <= off and off + size <= lo + length, (series, k, off, lo, length)
+            ends.append(off + size)
+        assert lo + length == max(ends)
+    # The recorded kernels: anon_vma's members span root (0) to parent (72).
+    assert (d["SPAN_AV_LO"], d["SPAN_AV_LEN"]) == (0, 80)
+
+
+def test_spans_degree_era() -> None:
+    d = read_layout(Btf(_degree_era("6.18"))).defines()
+    assert (d["SPAN_AV_LO"], d["SPAN_AV_LEN"]) == (0, 80)
 
 
 @pytest.mark.parametrize("series", kfix.SERIES)
