@@ -19,7 +19,8 @@ from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, cflags
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import LOSS_COUNTERS, WIRE, Event, Kind, Site, decode, lost_total
+from tracer.events import (LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records,
+                           lost_total)
 from tracer.headers import Headers, HeadersError, find_headers
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
@@ -344,7 +345,8 @@ class TraceSession:
         raw = self._raw
 
         def on_event(_ctx: Any, data: Any, size: int) -> int:
-            raw.append(ctypes.string_at(data, size))
+            # Perf buffer records arrive padded to 8 bytes: keep the struct.
+            raw.append(ctypes.string_at(data, min(size, WIRE.size)))
             # libbpf keeps consuming while the producer keeps producing:
             # stop at a batch (this record is kept), so a fork storm cannot
             # grow the batch, and the consumer's memory, without bound.
@@ -430,14 +432,11 @@ class TraceSession:
         del self._raw[:]       # the same list object: on_event holds it
         if not raw:
             return []
+        blob = b"".join(raw)
         if self.recorder is not None:
-            self.recorder(b"".join(raw))
-        out: list[Event] = []
-        for rec in raw:
-            try:
-                out.append(decode(rec))
-            except ValueError:
-                self._decode_errors += 1
+            self.recorder(blob)
+        out, errors = decode_records(raw, blob)
+        self._decode_errors += errors
         if self._deriver is not None:
             out = self._deriver.feed(out)
         return out

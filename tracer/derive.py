@@ -24,10 +24,9 @@ kernel to test on).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from tracer.events import F_REUSED, F_SYNTHETIC, Event, Kind, Site
+from tracer.events import F_REUSED, F_SYNTHETIC, Event, Kind, Site, copy_event
 
 
 @dataclass
@@ -124,5 +123,8 @@ class Deriver:
 
 
 def _synth(ev: Event, kind: Kind, flags: int) -> Event:
-    return dataclasses.replace(ev, kind=kind, flags=ev.flags | F_SYNTHETIC | flags,
-                               aux=0, aux2=0)
+    out = copy_event(ev)
+    out.kind = kind
+    out.flags = ev.flags | F_SYNTHETIC | flags
+    out.aux = out.aux2 = 0
+    return out

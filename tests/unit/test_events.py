@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from tests.unit import kfix
 from tracer.event_view import format_event, header
-from tracer.events import (F_REUSED, WIRE, Event, Kind, Site, decode, event_from_dict)
+from tracer.events import (F_REUSED, WIRE, Event, Kind, Site, copy_event, decode,
+                           decode_records, event_from_dict)
 
 U64 = st.integers(0, 2**64 - 1)
 U32 = st.integers(0, 2**32 - 1)
@@ -140,3 +141,25 @@ def test_event_view_sanitises_comm() -> None:
     assert "PID" in header()
     fork = format_event(decode(pack(kind=9, pid2=4242, comm=b"p")))
     assert "proc-fork" in fork and "child=4242" in fork
+
+
+def test_decode_records_keeps_order_and_counts_bad_ones() -> None:
+    good = [pack(kind=1, tgid=i, comm=b"a") for i in range(5)]
+    events, errors = decode_records(good)
+    assert errors == 0 and [e.tgid for e in events] == list(range(5))
+    # A short record and an unknown kind: skipped and counted, the rest kept.
+    batch = good[:2] + [good[2][:100], pack(kind=99)] + good[3:]
+    events, errors = decode_records(batch)
+    assert errors == 2
+    assert [e.tgid for e in events] == [0, 1, 3, 4]
+    assert decode_records([]) == ([], 0)
+
+
+@pytest.mark.parametrize("series,backend", [("6.18", "tracepoint"), ("6.12", "fentry")])
+def test_copy_event_is_equal_and_independent(series: str, backend: str) -> None:
+    for d in kfix.event_dicts(series, backend)[:200]:
+        ev = event_from_dict(d)
+        dup = copy_event(ev)
+        assert dup == ev and dup is not ev
+        dup.kind, dup.aux = Kind.SYNC, ev.aux + 1
+        assert ev.to_dict() == d
