@@ -45,6 +45,9 @@ from exporters.metrics_spec import BY_NAME
 # How long a detached probe or an unreachable exporter must last before it
 # alerts. Fixed: these are not growth and do not follow growth.window/for.
 OPERATIONAL_FOR_SECONDS = 300.0
+# How far back AnontraceProbeDetached looks for a probe that used to attach on
+# an instance: long enough to span a kernel upgrade and its reboot.
+PROBE_HISTORY = "7d"
 # `up` series of anontrace targets: the shipped scrape configs name their jobs
 # "anontrace" and "anontrace-kubernetes"; the ServiceMonitor's job is the
 # Service name, "anontrace".
@@ -333,20 +336,29 @@ def build_groups(growth: GrowthSettings) -> tuple[Group, ...]:
                 f"counters on stderr."),
         ),
         Alert(
+            # A probe that no method can attach on this kernel is reported
+            # (anontrace_probe_attached 0) but is not news: page_set_anon_rmap
+            # has no tracepoint, so every tracepoint-only host would alert
+            # forever. What needs a human is a probe this instance HAD and
+            # lost: a kernel upgrade, lockdown switched on, kprobes compiled out.
             alert="AnontraceProbeDetached",
-            expr=f"{_check_metric('anontrace_probe_attached')} == 0",
+            expr=(f"max by (job, instance, probe) "
+                  f"({_check_metric('anontrace_probe_attached')}) == 0\n"
+                  f"and on (job, instance, probe)\n"
+                  f"max by (job, instance, probe) "
+                  f"(max_over_time(anontrace_probe_attached[{PROBE_HISTORY}])) == 1"),
             for_=op_for, severity="warning",
-            summary=("anontrace probe {{ $labels.probe }} is not attached on "
+            summary=("anontrace probe {{ $labels.probe }} no longer attaches on "
                      "{{ $labels.instance }}"),
             description=(
-                "The logical probe {{ $labels.probe }} (function {{ $labels.function }}, "
-                "method {{ $labels.method }}) has no working attach method on "
-                "{{ $labels.instance }}, so the events it would see are missing and "
-                "the figures that need them are wrong or absent. Run `anontrace check` "
-                "on the host: it tries every backend and says why each probe cannot "
-                "attach (lockdown, no kprobes, no BTF, missing headers). If the kernel "
-                "simply offers no method for this probe, silence this alert for that "
-                "instance."),
+                "The logical probe {{ $labels.probe }} was attached on {{ $labels.instance }} "
+                f"within the last {PROBE_HISTORY} and now has no working attach method, so "
+                "the events it sees are missing from now on. Usually the kernel changed "
+                "(an upgrade, lockdown, kprobes or BTF gone). Run `anontrace check` on the "
+                "host: it tries every backend and says why each probe cannot attach. "
+                f"The alert clears when the probe is back, or {PROBE_HISTORY} after it was "
+                "lost. A probe the kernel never offered (page_set_anon_rmap on "
+                "tracepoint-only kernels) does not fire it."),
         ),
         Alert(
             alert="AnontraceExporterDown",

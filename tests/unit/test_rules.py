@@ -180,11 +180,22 @@ def test_thresholds_and_windows_come_from_the_config() -> None:
 
 def test_expressions_keep_the_instance_label() -> None:
     # Nothing aggregates the instance (or family) away: a fleet's exporters
-    # and each family on them are judged separately.
+    # and each family on them are judged separately. An aggregation must say
+    # `by (...)` and keep instance (AnontraceProbeDetached joins the series a
+    # probe had under different method labels).
+    aggregations = 0
     for group in build_groups(GrowthConfig()):
         for rule in group.rules:
-            assert not re.search(r"\b(sum|avg|min|max|count|topk|bottomk)\s*(\(|by|without)",
-                                 rule.expr), rule.expr
+            for m in re.finditer(r"\b(sum|avg|min|max|count|topk|bottomk)\s*(\(|by|without)",
+                                 rule.expr):
+                aggregations += 1
+                kept = re.match(r"\s*by\s*\(([^)]*)\)", rule.expr[m.end(1):])
+                assert kept, rule.expr
+                labels = {x.strip() for x in kept.group(1).split(",")}
+                assert "instance" in labels, rule.expr
+                if "family" in rule.expr:
+                    assert "family" in labels, rule.expr
+    assert aggregations == 2
 
 
 def test_render_is_stable_and_documented() -> None:
