@@ -217,7 +217,7 @@ class TraceSession:
             self.attempts.append(Attempt(backend, True))
             self.plan = plan
             if backend == "tracepoint":
-                self._deriver = Deriver()
+                self._deriver = Deriver(keep_objects=self.options.object_events)
             return
         summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
         raise AnontraceError(f"no backend can trace anon_vmas on this kernel ({summary})")

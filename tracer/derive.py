@@ -40,7 +40,12 @@ class _Group:
 class Deriver:
     """Stateful per-task grouping; feed it events in stream order."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_objects: bool = True) -> None:
+        """``keep_objects=False`` drops the chain-entry events once they are
+        grouped (the model needs only the logical events they become, and
+        prepare-site allocations): the stream then matches what fentry and
+        kprobe give without --raw, at half the events."""
+        self._keep = keep_objects
         self._groups: dict[int, _Group] = {}
         # unlink_anon_vmas() drops an anon_vma's reference (and may free it)
         # just before freeing the chain entry that linked it: hold such frees
@@ -84,7 +89,8 @@ class Deriver:
                 # Emitted after the unlink, so the VMA is gone before its
                 # anon_vma, as on the fentry and kprobe backends.
                 g.held = (g.held or []) + puts
-            out.append(ev)
+            if self._keep:
+                out.append(ev)
             return
         if ev.kind is Kind.AVC_ALLOC and ev.site is Site.CLONE:
             if g is not None and g.kind is Kind.ANON_VMA_CLONE and g.last.vma == ev.vma:
@@ -94,14 +100,17 @@ class Deriver:
                 self._groups[tid] = _Group(Kind.ANON_VMA_CLONE, ev, 1)
             if puts:
                 out.extend(puts)
-            out.append(ev)
+            if self._keep:
+                out.append(ev)
             return
         if g is not None:
             self._close(tid, ev, out)
         if puts:
             out.extend(puts)
-        out.append(ev)
-        if ev.kind is Kind.AVC_ALLOC and ev.site is Site.FORK:
+        fork_entry = ev.kind is Kind.AVC_ALLOC and ev.site is Site.FORK
+        if self._keep or not (fork_entry or ev.kind is Kind.AVC_FREE):
+            out.append(ev)
+        if fork_entry:
             out.append(_synth(ev, Kind.ANON_VMA_FORK, 0))
 
     def _close(self, tid: int, nxt: Event | None, out: list[Event]) -> None:
