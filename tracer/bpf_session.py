@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import os
 import re
 import time
@@ -218,6 +219,7 @@ class TraceSession:
             self.plan = plan
             if backend == "tracepoint":
                 self._deriver = Deriver(keep_objects=self.options.object_events)
+            _settle_heap()
             return
         summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
         raise AnontraceError(f"no backend can trace anon_vmas on this kernel ({summary})")
@@ -257,6 +259,9 @@ class TraceSession:
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
         self._release()
+        # What _settle_heap froze may now be garbage in cycles (this
+        # session's BCC objects): let the collector see it again.
+        gc.unfreeze()
 
     def _release(self) -> None:
         for prog, _ in self._census_progs.values():
@@ -520,6 +525,17 @@ def _clean_mappings(path_re: "re.Pattern[str]", smaps: str = "/proc/self/smaps"
     if cur is not None and clean:
         out.append((cur[0], cur[1]))
     return out
+
+
+def _settle_heap() -> None:
+    """Move everything allocated so far (BCC, the parsed BTF and kallsyms:
+    millions of objects) out of the cyclic collector's sight. Every poll
+    allocates thousands of short-lived events, which triggers full
+    collections; each one walked all of those objects and cost the consumer a
+    third of its time in a fork storm (py-spy; bench/fork_overhead.py). Objects
+    released later are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
 
 
 class _AttachFailed(Exception):
