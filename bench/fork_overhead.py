@@ -248,6 +248,7 @@ class RunResult:
     forks_per_s: float
     events: int = 0
     events_per_fork: float = 0.0
+    records: int = 0               # what the BPF side delivered (before derivation)
     lost: dict[str, int] = field(default_factory=dict)
     lost_total: int = 0
     consumer_cpu_s: float = 0.0
@@ -326,6 +327,7 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
             for ev in tail:
                 cs.by_kind[ev.kind.name.lower()] += 1
             lost = session.lost()
+            records = session.records
     finally:
         if stats:
             stats.restore()
@@ -334,6 +336,7 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     res.other_cpu_per_s = other
     res.events = cs.events
     res.events_per_fork = cs.events / max(1, res.forks)
+    res.records = records
     res.lost = lost
     res.lost_total = sum(lost.values())
     res.consumer_cpu_s = cs.cpu_s
@@ -414,7 +417,7 @@ def summarize(results: list[RunResult], target: float) -> dict[str, Any]:
         by[r.variant].append(r)
     base = statistics.median(r.forks_per_s for r in by["untraced"]) if by["untraced"] else 0.0
     out: dict[str, Any] = {"median_forks_per_s": {}, "ratio": {}, "lost": {}, "events": {},
-                           "events_per_fork": {}, "consumer_cpu_per_s": {}}
+                           "events_per_fork": {}, "records": {}, "consumer_cpu_per_s": {}}
     for v, rs in by.items():
         med = statistics.median(r.forks_per_s for r in rs)
         out["median_forks_per_s"][v] = round(med, 1)
@@ -423,6 +426,7 @@ def summarize(results: list[RunResult], target: float) -> dict[str, Any]:
         out["ratio"][v] = round(med / base, 4) if base else None
         out["lost"][v] = sum(r.lost_total for r in rs)
         out["events"][v] = sum(r.events for r in rs)
+        out["records"][v] = sum(r.records for r in rs)
         out["events_per_fork"][v] = round(statistics.median(r.events_per_fork for r in rs), 2)
         out["consumer_cpu_per_s"][v] = round(statistics.median(
             r.consumer_cpu_s / r.consumer_wall_s if r.consumer_wall_s else 0.0
@@ -453,6 +457,14 @@ def print_summary(summary: dict[str, Any], info: dict[str, Any], file: Any) -> N
           f"{summary['consumer_cpu_per_s'][v]:.2f} s/s"
           + (f"   BPF {summary['bpf_ns_per_fork'][v] / 1000:.1f} us/fork"
              if v in summary.get("bpf_ns_per_fork", {}) else ""))
+    for v in summary["ratio"]:
+        rec, lost = summary["records"].get(v, 0), summary["lost"][v]
+        if rec or lost:
+            p(f"  {v}: the BPF side produced {rec + lost} records, {lost} lost "
+              f"({100 * lost / (rec + lost):.1f}%)")
+    if "empty" in summary["ratio"]:
+        p(f"  floor: the same hooks with empty programs give ratio "
+          f"{summary['ratio']['empty']:.3f}; no tracer built on these hooks can do better here")
     if summary["other_cpu_per_s_max"] > 0.15:
         p(f"  WARNING: other jobs used up to {summary['other_cpu_per_s_max']:.2f} CPUs during "
           "the runs: the figures are unreliable, rerun on a quiet machine")

@@ -167,6 +167,7 @@ class TraceSession:
         self.recorder: Callable[[bytes], None] | None = None
         self._decode_errors = 0
         self._perf_lost = 0
+        self.records = 0   # records the BPF side delivered (before derivation)
         self._deriver: Deriver | None = None
 
     # -- lifecycle -------------------------------------------------------
@@ -437,6 +438,7 @@ class TraceSession:
         del self._raw[:]       # the same list object: on_event holds it
         if not raw:
             return []
+        self.records += len(raw)
         blob = b"".join(raw)
         if self.recorder is not None:
             self.recorder(blob)
