@@ -231,6 +231,10 @@ class TraceSession:
         (serve) needs only the struct layout and the plan from then on."""
         if self.facts is not None:
             self.facts = dataclasses.replace(self.facts, btf=None, kallsyms=Kallsyms(""))
+            # They were frozen by _settle_heap: let the collector reclaim
+            # whatever of them sits in cycles, then freeze the rest again.
+            gc.unfreeze()
+            _settle_heap()
 
     def release_compiler_pages(self) -> int:
         """Drop this process's resident pages of the compiler libraries
