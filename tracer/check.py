@@ -31,6 +31,8 @@ def run_check(env: KernelEnv) -> dict[str, Any]:
                     "detail": facts.headers.source if facts.headers else facts.headers_error},
         "kprobes_available": facts.kprobes_available,
         "transport": "ringbuf" if facts.ringbuf_available else "perf",
+        # Where the tracepoint backend keeps each task's pending allocations.
+        "task_state": "task storage" if facts.task_storage else "hash map",
         "slab_sizes": {"anon_vma": facts.av_slab_size, "anon_vma_chain": facts.avc_slab_size},
         "backends": {},
         "backend": None,
@@ -90,6 +92,7 @@ def format_check(report: dict[str, Any]) -> str:
         f"headers    {report['headers']['detail']}",
         f"kprobes    {'available' if report['kprobes_available'] else 'unavailable'}",
         f"transport  {report['transport']}",
+        f"task state {report['task_state']} (tracepoint backend)",
         "",
         f"backend    {report['backend'] or 'NONE: nothing can trace on this kernel'}",
     ]

@@ -34,6 +34,14 @@ def test_check_lists_four_probes(check_report) -> None:
     assert all(probes[p]["method"] for p in LOGICAL_PROBES[:3])
 
 
+def test_check_names_the_task_state(check_report) -> None:
+    # Read the symbols here, not through tracer.kernel_env.
+    with open("/proc/kallsyms") as f:
+        names = {line.split()[2] for line in f if len(line.split()) == 3}
+    both = {"bpf_task_storage_get", "bpf_get_current_task_btf"} <= names
+    assert check_report["task_state"] == ("task storage" if both else "hash map")
+
+
 def test_check_backend_is_first_that_works(check_report) -> None:
     order = ["fentry", "kprobe", "tracepoint"]
     working = [b for b in order if check_report["backends"][b]["ok"]]
