@@ -17,9 +17,10 @@ Profiling variants (not part of the default set):
 
 * ``nopoll``:   a system-wide session that nobody polls: the in-kernel cost
                 alone (the ring buffer fills up, so "lost" is expected there);
-* ``empty``:    the same attach points (kmem alloc/free tracepoints, raw
-                sys_exit and sched tracepoints) with programs that return at
-                once: the fixed price of having those hooks enabled at all.
+* ``empty``:    the same attach points (raw kmem_cache_alloc/free, sys_exit,
+                exit_mmap and sched tracepoints) with programs that return at
+                once: the fixed price of having those hooks enabled at all,
+                the floor for any tracer built on them (printed as such).
 
 Rounds use ABBA ordering (even rounds run the variants in order, odd rounds in
 reverse) so slow drift of the machine does not favour one variant.
