@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.events import F_REUSED, Kind
+from tracer.events import F_REUSED, Kind, lost_total
 from tests.kernel.family import FamilyRun, run_family
 
 REGIONS = 3
@@ -31,7 +31,14 @@ def test_backend_as_requested(family: FamilyRun, backend: str) -> None:
 
 
 def test_no_events_lost(family: FamilyRun) -> None:
-    assert sum(family.lost.values()) == 0, family.lost
+    # No certain loss. recursion_misses counts runs the kernel skipped because
+    # the same program was already running on that CPU (a slab operation in
+    # an interrupt during a kmem program): system-wide, so not proof that a
+    # traced event was missed (tracer.events.MAYBE_LOST); the exact counts in
+    # the other tests show none of the family's were. Seen once in the 6.1
+    # guest (2 misses); a systematic recursion would show here as many.
+    assert lost_total(family.lost) == 0, family.lost
+    assert family.lost.get("recursion_misses", 0) <= 10, family.lost
 
 
 def test_every_generation_reported(family: FamilyRun) -> None:
