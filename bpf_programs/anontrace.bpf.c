@@ -21,10 +21,12 @@
 #include "anontrace_common.h"
 
 
+#ifdef WITH_EVENTS
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
 BPF_PERF_OUTPUT(events);
+#endif
 #endif
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(scratch, struct work, 1);
@@ -52,6 +54,505 @@ static __always_inline int wanted(void)
     return wanted_tgid(bpf_get_current_pid_tgid() >> 32);
 }
 
+// ------------------------------------------------------------ state maps
+// With WITH_STATE the programs keep, in maps, every figure the reports and
+// /metrics give (README "Definitions"), and user space reads the maps when it
+// reports or is scraped: no VMA operation crosses to user space. Layouts are
+// mirrored in tracer/kstate.py (checked by a unit test against this file).
+#ifdef WITH_STATE
+#define NB 64              // histogram bins: 0..NB-2 exact, NB-1 = "NB-1 or more"
+#define NO_PROBE 4
+
+// Global figures and counters (per CPU, summed by user space; signed: an
+// anon_vma may be counted up on one CPU and down on another).
+#define G_AVS 0            // live anon_vmas
+#define G_CHAINS 1         // anon_vma_chain entries on tracked VMAs
+#define G_ORPHANS 2        // live anon_vmas no tracked VMA points at
+#define G_EVENTS 3         // 3..6: logical probe events (fork, clone, unlink, rmap)
+#define G_ANOMALIES 7      // facts that contradict the state (see docs/state.md)
+#define G_FULL 8           // 8..13: inserts refused by a full map, per map
+#define G_FULL_VMA 8
+#define G_FULL_AV 9
+#define G_FULL_MM 10
+#define G_FULL_MMAV 11
+#define G_FULL_PROC 12
+#define G_FULL_FAM 13
+#define G_NR 14
+
+struct vstate {            // per VMA with (or that had) an anon_vma
+    u64 mm;
+    u64 av;
+    u32 chain;
+    u32 pad;
+};
+
+struct avstate {           // per live anon_vma
+    u64 parent;
+    u64 root;
+    u64 owner;             // the mm whose VMAs point at it (last to start)
+    u32 depth;
+    u32 children;          // live children learned while tracing
+    u32 active;            // tracked VMAs pointing at it
+    u32 fam;               // family: tgid that created its root (0: unknown)
+    u32 serial;
+    u32 pserial;           // the parent's serial when counted as its child (0: not counted)
+    u32 dead;              // freed while a tracked VMA still pointed at it
+    u32 pad;
+};
+
+struct mmav_key {
+    u64 mm;
+    u64 av;
+};
+
+struct mmav {              // VMAs of one mm pointing at one anon_vma
+    u32 n;
+    u32 depth_bin;
+    u32 deg_bin;
+    u32 pad;
+};
+
+struct mmstate {           // per address space
+    u32 tgid;              // owner (0: not known)
+    u32 nvmas;
+    u32 avs;               // distinct anon_vmas its VMAs point at
+    u32 chains;
+    u32 events[4];
+    u32 big[3];            // max value seen in the top bin (depth, chain, degree)
+    u32 pad;
+    u32 depth[NB];         // distinct anon_vmas by depth
+    u32 chain[NB];         // VMAs by chain length
+    u32 degree[NB];        // distinct anon_vmas by live children
+};
+
+#define P_ALIVE 1
+#define P_UNSEEN 2         // first seen mid-life (not forked while tracing)
+#define P_CENSUS 4         // seeded by the census
+
+struct pstate {            // per process (tgid)
+    u64 mm;
+    u64 exit_ns;
+    u32 ppid;
+    u32 flags;
+    u32 ev_prev[4];        // events of the mms it had before (exec)
+    char comm[16];
+    struct mmstate exit;   // its mm's state when its exit was seen (user
+                           // space makes the figures: no loops here)
+};
+
+struct famstate {          // per family (the tgid that created the roots)
+    u32 avs;
+    u32 orphans;
+    u32 big;
+    u32 pad;
+    u32 depth[NB];
+};
+
+BPF_F_TABLE("hash", u64, struct vstate, st_vma, ST_VMA_MAX, ST_MAP_FLAGS);
+BPF_F_TABLE("hash", u64, struct avstate, st_av, ST_AV_MAX, ST_MAP_FLAGS);
+BPF_F_TABLE("hash", struct mmav_key, struct mmav, st_mmav, ST_MMAV_MAX, ST_MAP_FLAGS);
+BPF_F_TABLE("hash", u64, struct mmstate, st_mm, ST_MM_MAX, ST_MAP_FLAGS);
+BPF_F_TABLE("hash", u32, struct pstate, st_proc, ST_PROC_MAX, ST_MAP_FLAGS);
+BPF_F_TABLE("hash", u32, struct famstate, st_fam, ST_FAM_MAX, ST_MAP_FLAGS);
+BPF_PERCPU_ARRAY(st_global, s64, G_NR);
+// Zeroed values to insert from: the structs are too big for the 512-byte
+// BPF stack. Never written.
+struct zeros {
+    struct mmstate mm;
+    struct famstate fam;
+    struct pstate proc;
+};
+BPF_ARRAY(st_zero, struct zeros, 1);
+BPF_PERCPU_ARRAY(st_depths, u64, MAX_DEPTH + 1);   // depth of each anon_vma as created
+BPF_ARRAY(st_serial, u32, 1);
+
+static __always_inline void gadd(int idx, s64 v)
+{
+    s64 *c = st_global.lookup(&idx);
+    if (c)
+        *c += v;
+}
+
+static __always_inline u32 bin_of(u32 v)
+{
+    u32 b = v < NB - 1 ? v : NB - 1;
+    // Hide the clamp from the optimiser so that the mask, which the
+    // verifier can follow, stays in the code.
+    asm volatile("" : "+r"(b));
+    return b & (NB - 1);
+}
+
+// Histogram bin update; the top bin also remembers the largest value in it.
+static __always_inline void hist_add(u32 *h, u32 *big, u32 v, int delta)
+{
+    u32 b = bin_of(v);
+    __sync_fetch_and_add(&h[b], delta);
+    if (b == NB - 1) {
+        if (delta > 0 && v > *big)
+            *big = v;
+        else if (delta < 0 && h[b] == 0)
+            *big = 0;
+    }
+}
+
+static __always_inline struct mmstate *mm_get(u64 mm, int create)
+{
+    struct mmstate *m = st_mm.lookup(&mm);
+    if (m || !create)
+        return m;
+    int idx = 0;
+    struct zeros *z = st_zero.lookup(&idx);
+    if (!z)
+        return 0;
+    if (st_mm.insert(&mm, &z->mm) && !st_mm.lookup(&mm)) {
+        gadd(G_FULL_MM, 1);
+        return 0;
+    }
+    return st_mm.lookup(&mm);
+}
+
+static __always_inline struct pstate *proc_get(u32 tgid, u64 mm, int create, u32 flags,
+                                               const char *comm)
+{
+    struct pstate *p = st_proc.lookup(&tgid);
+    if (p || !create)
+        return p;
+    int idx = 0;
+    struct zeros *z = st_zero.lookup(&idx);
+    if (!z)
+        return 0;
+    if (st_proc.insert(&tgid, &z->proc)) {
+        if (!st_proc.lookup(&tgid))
+            gadd(G_FULL_PROC, 1);
+        return st_proc.lookup(&tgid);
+    }
+    p = st_proc.lookup(&tgid);
+    if (p) {
+        p->mm = mm;
+        p->flags = P_ALIVE | flags;
+        __builtin_memcpy(p->comm, comm, sizeof(p->comm));
+    }
+    return p;
+}
+
+static __always_inline void fam_add(u32 fam, u32 depth, int delta, int orphan)
+{
+    if (!fam)
+        return;
+    struct famstate *f = st_fam.lookup(&fam);
+    if (!f) {
+        if (delta < 0)
+            return;
+        int idx = 0;
+        struct zeros *z = st_zero.lookup(&idx);
+        if (!z)
+            return;
+        if (st_fam.insert(&fam, &z->fam) && !st_fam.lookup(&fam)) {
+            gadd(G_FULL_FAM, 1);
+            return;
+        }
+        f = st_fam.lookup(&fam);
+        if (!f)
+            return;
+    }
+    __sync_fetch_and_add(&f->avs, delta);
+    if (orphan)
+        __sync_fetch_and_add(&f->orphans, delta);
+    hist_add(f->depth, &f->big, depth, delta);
+    if (delta < 0 && f->avs == 0)
+        st_fam.delete(&fam);
+}
+
+static __always_inline void fam_orphan(u32 fam, int delta)
+{
+    if (!fam)
+        return;
+    struct famstate *f = st_fam.lookup(&fam);
+    if (f)
+        __sync_fetch_and_add(&f->orphans, delta);
+}
+
+// An anon_vma gained (delta 1) or lost (-1) a live child: move it between
+// degree bins in the histogram of the mm whose VMAs point at it.
+static __always_inline void av_children(struct avstate *a, u64 av, int delta)
+{
+    u32 old = a->children;
+    if (delta < 0 && old == 0)
+        return;
+    __sync_fetch_and_add(&a->children, delta);
+    if (!a->active || !a->owner)
+        return;
+    struct mmstate *m = st_mm.lookup(&a->owner);
+    struct mmav_key k = {a->owner, av};
+    struct mmav *x = st_mmav.lookup(&k);
+    if (!m || !x)
+        return;
+    hist_add(m->degree, &m->big[2], old, -1);
+    hist_add(m->degree, &m->big[2], old + delta, 1);
+    x->deg_bin = old + delta;
+}
+
+// Forget a live anon_vma (freed, or its pointer found reused). unlink_anon_vmas
+// puts (and may free) a VMA's anon_vmas before freeing the chain entry that
+// tells the tracepoint backend which VMA is going: a free while a tracked VMA
+// still points at it waits for that VMA to go (``defer``).
+static __always_inline void av_drop(u64 av, int defer)
+{
+    struct avstate *a = st_av.lookup(&av);
+    if (!a)
+        return;
+    if (defer && a->active) {
+        a->dead = 1;
+        return;
+    }
+    if (a->pserial) {
+        struct avstate *pa = st_av.lookup(&a->parent);
+        // The parent at that pointer is the one that counted us.
+        if (pa && pa->serial == a->pserial)
+            av_children(pa, a->parent, -1);
+    }
+    int orphan = a->active == 0;
+    if (!orphan)
+        gadd(G_ANOMALIES, 1);   // freed while tracked VMAs point at it
+    fam_add(a->fam, a->depth, -1, orphan);
+    gadd(G_AVS, -1);
+    if (orphan)
+        gadd(G_ORPHANS, -1);
+    st_av.delete(&av);
+}
+
+// The anon_vma an event's facts describe, created when first seen.
+static __always_inline struct avstate *av_learn(struct event *e, struct mmstate *m, int census)
+{
+    u64 av = e->anon_vma;
+    struct avstate *a = st_av.lookup(&av);
+    if (a && e->depth && a->depth != e->depth) {
+        // Same pointer, another object: its free was not seen.
+        gadd(G_ANOMALIES, 1);
+        av_drop(av, 0);
+        a = 0;
+    }
+    if (a)
+        return a;
+    struct avstate n = {};
+    n.parent = e->parent;
+    n.root = e->root;
+    n.depth = e->depth;
+    int zero = 0;
+    u32 *ser = st_serial.lookup(&zero);
+    if (ser) {
+        // Not atomic (BCC's default BPF target cannot use an atomic's
+        // result): two CPUs may hand out one serial, which only weakens the
+        // check that a parent pointer still names the same anon_vma.
+        *ser += 1;
+        n.serial = *ser;
+    }
+    struct avstate *pa = 0;
+    if (e->parent && e->parent != av)
+        pa = st_av.lookup(&e->parent);
+    if (e->depth <= 1 || e->root == av)
+        n.fam = m->tgid;            // a root: its family is the process faulting it
+    else if (e->root != av) {
+        struct avstate *ra = st_av.lookup(&e->root);
+        if (ra)
+            n.fam = ra->fam;
+        else if (pa)
+            n.fam = pa->fam;
+    }
+    if (pa)
+        n.pserial = pa->serial;
+    if (st_av.insert(&av, &n)) {
+        gadd(G_FULL_AV, 1);
+        return 0;
+    }
+    if (pa)
+        av_children(pa, e->parent, 1);
+    gadd(G_AVS, 1);
+    gadd(G_ORPHANS, 1);
+    fam_add(n.fam, n.depth, 1, 1);
+    if (!census) {
+        u32 d = e->depth <= MAX_DEPTH ? e->depth : MAX_DEPTH;
+        u64 *c = st_depths.lookup(&d);
+        if (c)
+            (*c)++;
+    }
+    return st_av.lookup(&av);
+}
+
+// The last VMA of ``mm`` pointing at an anon_vma went.
+static __always_inline void mmav_forget(u64 mm, struct mmstate *m, struct mmav *x,
+                                        struct mmav_key *k, struct avstate *a)
+{
+    if (!x)
+        return;
+    if (m) {
+        __sync_fetch_and_add(&m->avs, -1);
+        hist_add(m->depth, &m->big[0], x->depth_bin, -1);
+        u32 deg = a && a->owner == mm ? a->children : x->deg_bin;
+        hist_add(m->degree, &m->big[2], deg, -1);
+    }
+    st_mmav.delete(k);
+}
+
+// A VMA of mm ``mm`` points at anon_vma ``av`` (delta 1) or no longer (-1).
+static __always_inline void mmav_add(u64 mm, struct mmstate *m, u64 av, struct avstate *a,
+                                     int delta)
+{
+    struct mmav_key k = {mm, av};
+    struct mmav *x = st_mmav.lookup(&k);
+    if (a) {
+        u32 was = a->active;
+        if (delta < 0 && was == 0)
+            return;
+        __sync_fetch_and_add(&a->active, delta);
+        if (delta > 0 && was == 0) {
+            gadd(G_ORPHANS, -1);
+            fam_orphan(a->fam, -1);
+        } else if (delta < 0 && was == 1) {
+            gadd(G_ORPHANS, 1);
+            fam_orphan(a->fam, 1);
+        }
+    }
+    if (delta < 0 && a && a->dead && a->active == 0) {
+        mmav_forget(mm, m, x, &k, a);
+        av_drop(av, 0);
+        return;
+    }
+    if (delta > 0) {
+        if (x) {
+            __sync_fetch_and_add(&x->n, 1);
+            return;
+        }
+        struct mmav n = {1, a ? a->depth : 0, a ? a->children : 0, 0};
+        if (st_mmav.insert(&k, &n)) {
+            gadd(G_FULL_MMAV, 1);
+            return;
+        }
+        if (a) {
+            a->owner = mm;
+        }
+        if (m) {
+            __sync_fetch_and_add(&m->avs, 1);
+            hist_add(m->depth, &m->big[0], n.depth_bin, 1);
+            hist_add(m->degree, &m->big[2], n.deg_bin, 1);
+        }
+        return;
+    }
+    if (!x)
+        return;
+    if (x->n > 1) {
+        __sync_fetch_and_add(&x->n, -1);
+        return;
+    }
+    mmav_forget(mm, m, x, &k, a);
+}
+
+// Add (delta 1) or remove (-1) a VMA's contribution to its mm.
+static __always_inline void vma_account(u64 mm, u64 av, u32 chain, int delta)
+{
+    struct mmstate *m = mm_get(mm, delta > 0);
+    if (m) {
+        __sync_fetch_and_add(&m->nvmas, delta);
+        __sync_fetch_and_add(&m->chains, delta * (s32)chain);
+        hist_add(m->chain, &m->big[1], chain, delta);
+    }
+    gadd(G_CHAINS, delta * (s64)chain);
+    if (av)
+        mmav_add(mm, m, av, st_av.lookup(&av), delta);
+}
+
+static __always_inline void st_count(struct mmstate *m, u32 probe)
+{
+    if (probe >= NO_PROBE)
+        return;
+    if (m)
+        __sync_fetch_and_add(&m->events[probe], 1);
+    gadd(G_EVENTS + probe, 1);
+}
+
+// An operation left a VMA as ``e`` describes it (mm, anon_vma, chain and the
+// anon_vma's facts): update the state. ``probe`` is the logical probe to
+// count for the VMA's mm (NO_PROBE: none).
+static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
+{
+    u64 vma = e->vma, mm = e->mm;
+    if (!vma || !mm)
+        return;
+    struct mmstate *m = mm_get(mm, 1);
+    if (!m)
+        return;
+    st_count(m, probe);
+    // An event in the process's own context tells whose mm it is.
+    if (e->cur_mm == mm && e->tgid && m->tgid != e->tgid) {
+        m->tgid = e->tgid;
+        struct pstate *p = proc_get(e->tgid, mm, 1, census ? P_CENSUS | P_UNSEEN : P_UNSEEN,
+                                    e->comm);
+        if (p) {
+            p->mm = mm;
+            if (census)
+                p->flags |= P_CENSUS;
+        }
+    }
+    u64 av = e->anon_vma;
+    struct avstate *a = 0;
+    if (av) {
+        a = av_learn(e, m, census);
+        if (!a)
+            return;
+    }
+    struct vstate *v = st_vma.lookup(&vma);
+    if (v) {
+        if (v->mm == mm && v->av == av && v->chain == e->chain_len)
+            return;   // nothing changed
+        u64 omm = v->mm, oav = v->av;
+        u32 ochain = v->chain;
+        v->mm = mm;
+        v->av = av;
+        v->chain = e->chain_len;
+        vma_account(omm, oav, ochain, -1);
+    } else {
+        struct vstate n = {mm, av, e->chain_len, 0};
+        if (st_vma.insert(&vma, &n)) {
+            gadd(G_FULL_VMA, 1);
+            return;
+        }
+    }
+    vma_account(mm, av, e->chain_len, 1);
+}
+
+// unlink_anon_vmas: the VMA's chain is torn down. Applied (and counted for
+// the VMA's mm) whoever runs it, when the VMA is tracked: a VMA the state
+// does not hold has nothing to undo, and its mm no traced process.
+static __always_inline void st_unlink_vma(u64 vma)
+{
+    struct vstate *v = st_vma.lookup(&vma);
+    if (!v)
+        return;
+    u64 omm = v->mm, oav = v->av;
+    u32 ochain = v->chain;
+    st_vma.delete(&vma);
+    st_count(st_mm.lookup(&omm), 2);
+    vma_account(omm, oav, ochain, -1);
+}
+
+// An mm is torn down (exit_mmap, or an exit/exec after an empty teardown):
+// its events stay with the process, its entry goes.
+static __always_inline void st_mm_gone(u64 mm)
+{
+    struct mmstate *m = st_mm.lookup(&mm);
+    if (!m)
+        return;
+    u32 tgid = m->tgid;
+    struct pstate *p = tgid ? st_proc.lookup(&tgid) : 0;
+    if (p && p->mm == mm) {
+        for (int i = 0; i < 4; i++)
+            p->ev_prev[i] += m->events[i];
+        p->mm = 0;
+    }
+    st_mm.delete(&mm);
+}
+#endif /* WITH_STATE */
+
 static __always_inline struct event *new_event(u32 kind)
 {
     int zero = 0;
@@ -72,7 +573,9 @@ static __always_inline struct event *new_event(u32 kind)
 
 static __always_inline void submit(void *ctx, struct event *e)
 {
-#ifdef USE_RINGBUF
+#ifndef WITH_EVENTS
+    return;
+#elif defined(USE_RINGBUF)
     if (events.ringbuf_output(e, sizeof(*e), 0))
         count(C_LOST_OUTPUT);
 #else
@@ -84,6 +587,12 @@ static __always_inline void submit(void *ctx, struct event *e)
 
 static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux, u64 aux2, s32 ret)
 {
+#ifdef WITH_STATE
+    // A teardown undoes state whoever runs it (an untraced task may free
+    // what a traced one built).
+    if (kind == K_UNLINK_ANON_VMAS)
+        st_unlink_vma(vma);
+#endif
     if (!wanted())
         return;
     struct event *e = new_event(kind);
@@ -99,6 +608,10 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
     e->aux = aux;
     e->aux2 = aux2;
     e->ret = ret;
+#ifdef WITH_STATE
+    if (kind != K_UNLINK_ANON_VMAS)
+        st_apply_vma(e, kind - K_ANON_VMA_FORK, 0);
+#endif
     submit(ctx, e);
 }
 
@@ -259,11 +772,13 @@ static __always_inline u32 site_of(u64 ip)
     return 0;
 }
 
-static __always_inline void emit_avc(void *ctx, u32 kind, u32 site, u64 avc, u32 flags)
+// A chain entry's VMA and the facts of both, read once the operation that
+// allocated it has finished (tracepoint backend), or at its free.
+static __always_inline struct event *avc_event(u32 kind, u32 site, u64 avc, u32 flags)
 {
     struct event *e = new_event(kind);
     if (!e)
-        return;
+        return 0;
     u64 anon_vma;
     u64 vma = read_avc(e, avc, &anon_vma);
     fill_vma(e, vma);
@@ -271,7 +786,14 @@ static __always_inline void emit_avc(void *ctx, u32 kind, u32 site, u64 avc, u32
     e->aux2 = anon_vma;
     e->site = site;
     e->flags |= flags;
-    submit(ctx, e);
+    return e;
+}
+
+static __always_inline void emit_avc(void *ctx, u32 kind, u32 site, u64 avc, u32 flags)
+{
+    struct event *e = avc_event(kind, site, avc, flags);
+    if (e)
+        submit(ctx, e);
 }
 
 static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 flags)
@@ -292,6 +814,15 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 // (a new operation), a clone-site allocation (anon_vma_clone links each chain
 // entry right after allocating it), a free, the end of fork
 // (sched_process_fork), a syscall exit, or task exit. Facts are read then.
+//
+// The logical probes are rebuilt from those allocations (tracer/derive.py
+// does the same from the event stream, for recordings; both must agree):
+//   clone-site entries for one VMA, in a row  -> one anon_vma_clone
+//   a fork-site entry                         -> one anon_vma_fork
+//   a clone run into another mm (a fork) with no fork-site allocation right
+//   after it                                  -> one anon_vma_fork that reused
+//                                                an ancestor anon_vma
+//   unlink-site entry frees of one VMA        -> one unlink_anon_vmas
 struct pending {
     u64 clone_avc;
     u64 fork_av;
@@ -300,6 +831,8 @@ struct pending {
     u64 prep_avc;
     u64 sync;   // an unlink is in progress: tell user space when it ends
     u64 live;   // the task has an operation open (the fields above may all be 0)
+    u64 grp_vma;  // the VMA of the clone run in progress (state)
+    u64 grp_mm;   // its mm, when the run clones into another mm (a fork)
 };
 
 #ifdef HAVE_TASK_STORAGE
@@ -346,10 +879,46 @@ static __always_inline void pending_drop(struct pending *p)
 }
 #endif
 
+// A clone run ends. ``fork_follows``: the next allocation is fork-site, so
+// the fork made a new anon_vma rather than reusing one.
+static __always_inline void close_run(struct pending *p, int fork_follows)
+{
+#ifdef WITH_STATE
+    if (p->grp_mm && !fork_follows)
+        st_count(st_mm.lookup(&p->grp_mm), 0);
+#endif
+    p->grp_vma = 0;
+    p->grp_mm = 0;
+}
+
+// A deferred chain-entry allocation: its facts are final now.
+static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, u64 avc)
+{
+    struct event *e = avc_event(K_AVC_ALLOC, site, avc, F_DEFERRED);
+    if (!e)
+        return;
+#ifdef WITH_STATE
+    u32 probe = NO_PROBE;
+    if (site == S_CLONE) {
+        if (e->vma != p->grp_vma) {
+            close_run(p, 0);
+            p->grp_vma = e->vma;
+            if (e->mm && e->cur_mm && e->mm != e->cur_mm)
+                p->grp_mm = e->mm;
+            probe = K_ANON_VMA_CLONE - K_ANON_VMA_FORK;
+        }
+    } else if (site == S_FORK) {
+        probe = 0;
+    }
+    st_apply_vma(e, probe, 0);
+#endif
+    submit(ctx, e);
+}
+
 static __always_inline void flush_clone(void *ctx, struct pending *p)
 {
     if (p->clone_avc)
-        emit_avc(ctx, K_AVC_ALLOC, S_CLONE, p->clone_avc, F_DEFERRED);
+        derived_avc(ctx, p, S_CLONE, p->clone_avc);
     p->clone_avc = 0;
 }
 
@@ -366,7 +935,7 @@ static __always_inline void flush_fork(void *ctx, struct pending *p)
     if (p->fork_av)
         emit_av_alloc(ctx, S_FORK, p->fork_av);
     if (p->fork_avc)
-        emit_avc(ctx, K_AVC_ALLOC, S_FORK, p->fork_avc, F_DEFERRED);
+        derived_avc(ctx, p, S_FORK, p->fork_avc);
     p->fork_av = 0;
     p->fork_avc = 0;
 }
@@ -376,7 +945,7 @@ static __always_inline void flush_prep(void *ctx, struct pending *p)
     if (p->prep_av)
         emit_av_alloc(ctx, S_PREPARE, p->prep_av);
     if (p->prep_avc)
-        emit_avc(ctx, K_AVC_ALLOC, S_PREPARE, p->prep_avc, F_DEFERRED);
+        derived_avc(ctx, p, S_PREPARE, p->prep_avc);
     p->prep_av = 0;
     p->prep_avc = 0;
 }
@@ -395,6 +964,7 @@ static __always_inline int flush_all(void *ctx)
     if (!p || !p->live)
         return 0;
     flush_clone(ctx, p);
+    close_run(p, 0);
     flush_fork(ctx, p);
     flush_prep(ctx, p);
     pending_drop(p);
@@ -414,6 +984,7 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
         flush_prep(ctx, p);
         p->clone_avc = ptr;
     } else if (site == S_FORK) {
+        close_run(p, 1);
         if ((is_av && p->fork_av) || (!is_av && p->fork_avc))
             flush_fork(ctx, p);
         flush_prep(ctx, p);
@@ -422,6 +993,7 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
         else
             p->fork_avc = ptr;
     } else if (site == S_PREPARE) {
+        close_run(p, 0);
         if ((is_av && p->prep_av) || (!is_av && p->prep_avc))
             flush_prep(ctx, p);
         if (fork_done(p))
@@ -431,6 +1003,7 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
         else
             p->prep_avc = ptr;
     } else {
+        close_run(p, 0);
         // An allocation we cannot attribute to an operation: report as is.
         if (is_av)
             emit_av(ctx, K_AV_ALLOC, site, ptr, 0);
@@ -456,18 +1029,9 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     end_operation(ctx);
     return 0;
 }
-
-#ifdef HAVE_EXIT_MMAP_TP
-// Since v6.16 a task's exit event precedes exit_mm(); exit_mmap ends the
-// teardown (tracepoint mmap:exit_mmap, v6.1).
-RAW_TRACEPOINT_PROBE(exit_mmap)
-{
-    end_operation(ctx);
-    return 0;
-}
-#endif
 #endif /* DERIVE_FROM_KMEM */
 
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr)
 {
     int is_av;
@@ -481,7 +1045,7 @@ static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr
         return;
 #ifdef DERIVE_FROM_KMEM
     derive_alloc(ctx, site, is_av, ptr);
-#elif defined(OBJECT_EVENTS)
+#else
     struct event *e = new_event(is_av ? K_AV_ALLOC : K_AVC_ALLOC);
     if (!e)
         return;
@@ -494,22 +1058,42 @@ static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr
     submit(ctx, e);
 #endif
 }
+#endif
 
-static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr)
+// A free at an rmap call site. The object is still intact: read it.
+// ``traced``: the freeing task is one we trace (the state is undone whoever
+// frees; events and the derivation concern traced tasks only).
+static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr, int traced)
 {
 #ifdef DERIVE_FROM_KMEM
-    flush_all(ctx);
+    if (traced)
+        flush_all(ctx);
 #endif
-    // The object is still intact at kmem_cache_free: read it. The model needs
-    // every anon_vma free; chain-entry frees only feed the derived backend's
-    // unlink grouping (or --raw output).
     if (is_av) {
-        emit_av(ctx, K_AV_FREE, site, ptr, 0);
-    } else {
-#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
-        emit_avc(ctx, K_AVC_FREE, site, ptr, 0);
+#ifdef WITH_STATE
+        av_drop(ptr, 1);
 #endif
+        if (traced)
+            emit_av(ctx, K_AV_FREE, site, ptr, 0);
+        return;
     }
+#ifdef WITH_STATE
+    if (site == S_UNLINK) {
+        // unlink_anon_vmas frees the VMA's entries one by one: the first
+        // free of a tracked VMA ends it (and counts the unlink).
+        u64 anon_vma;
+        struct event *e = new_event(K_AVC_FREE);
+        if (e)
+            st_unlink_vma(read_avc(e, ptr, &anon_vma));
+    }
+#endif
+    if (!traced)
+        return;
+    // Chain-entry frees only feed the derived backend's unlink grouping (or
+    // --raw output).
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
+    emit_avc(ctx, K_AVC_FREE, site, ptr, 0);
+#endif
 #ifdef DERIVE_FROM_KMEM
     if (site == S_UNLINK) {
         struct pending *p = pending_get(1);
@@ -527,6 +1111,7 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr)
 // Arguments since v6.1 ("mm/tracing: add 'accounted' entry into output of
 // allocation tracepoints" era): call_site, ptr, struct kmem_cache *s, ...;
 // the position of `s` comes from BTF (btf_trace_kmem_cache_*).
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
 {
     u32 site = site_of(ctx->args[0]);
@@ -536,19 +1121,27 @@ RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
     handle_alloc(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
     return 0;
 }
+#endif
 
 RAW_TRACEPOINT_PROBE(kmem_cache_free)
 {
     u32 site = site_of(ctx->args[0]);
-    if (!site || !wanted())
+    if (!site)
         return 0;
+    int traced = wanted();
+#ifndef WITH_STATE
+    if (!traced)
+        return 0;
+#endif
     u64 cache = ctx->args[KMEM_FREE_CACHE_ARG];
     // The anon_vma cache is never merged (it has a constructor), so its
     // object size identifies it among the objects rmap functions free.
-    handle_free(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE, ctx->args[1]);
+    handle_free(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE, ctx->args[1],
+                traced);
     return 0;
 }
 #else
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
 {
     u32 site = site_of(args->call_site);
@@ -557,12 +1150,18 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
     handle_alloc(args, site, args->bytes_alloc, (u64)args->ptr);
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(kmem, kmem_cache_free)
 {
     u32 site = site_of(args->call_site);
-    if (!site || !wanted())
+    if (!site)
         return 0;
+    int traced = wanted();
+#ifndef WITH_STATE
+    if (!traced)
+        return 0;
+#endif
     int is_av;
 #ifdef KMEM_FREE_HAS_NAME
     // The anon_vma cache is never merged (it has a constructor); the
@@ -575,10 +1174,11 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
 #else
     is_av = site == S_PUT;
 #endif
-    handle_free(args, site, is_av, (u64)args->ptr);
+    handle_free(args, site, is_av, (u64)args->ptr, traced);
     return 0;
 }
 #endif
+
 
 // ------------------------------------------------------ process lifecycle
 RAW_TRACEPOINT_PROBE(sched_process_fork)
@@ -607,6 +1207,33 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     e->tid2 = rd(child + OFF_TASK_PID, 4);
     if (ctgid == ptgid)
         e->flags |= F_THREAD;
+#ifdef WITH_STATE
+    if (ctgid != ptgid) {
+        // The parent, if first seen here (its own name: current's).
+        proc_get(ptgid, e->cur_mm, 1, P_UNSEEN, e->comm);
+        // A dead entry under this pid not yet collected by user space is
+        // replaced (pid reuse): counted, so the report can say so.
+        struct pstate *old = st_proc.lookup(&ctgid);
+        if (old && !(old->flags & P_ALIVE))
+            gadd(G_ANOMALIES, 1);
+        int idx = 0;
+        struct zeros *z = st_zero.lookup(&idx);
+        if (z && st_proc.update(&ctgid, &z->proc))
+            gadd(G_FULL_PROC, 1);
+        struct pstate *n = st_proc.lookup(&ctgid);
+        if (n) {
+            n->mm = e->mm;
+            n->ppid = ptgid;
+            n->flags = P_ALIVE;
+            bpf_probe_read_kernel(&n->comm, sizeof(n->comm), (void *)(child + OFF_TASK_COMM));
+        }
+        if (e->mm) {
+            struct mmstate *m = mm_get(e->mm, 1);
+            if (m)
+                m->tgid = ctgid;
+        }
+    }
+#endif
     bpf_probe_read_kernel(&e->comm, sizeof(e->comm), (void *)(child + OFF_TASK_COMM));
     submit(ctx, e);
     return 0;
@@ -621,6 +1248,24 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         return 0;
     e->mm = e->cur_mm;
     e->pid2 = (u32)ctx->args[1];
+#ifdef WITH_STATE
+    struct pstate *p = proc_get(e->tgid, e->mm, 1, P_UNSEEN, e->comm);
+    if (p) {
+        if (p->mm && p->mm != e->mm) {
+            // The old mm outlives the exec (another reference): its
+            // events so far are the process's.
+            struct mmstate *om = st_mm.lookup(&p->mm);
+            if (om)
+                for (int i = 0; i < 4; i++)
+                    p->ev_prev[i] += om->events[i];
+        }
+        p->mm = e->mm;
+        __builtin_memcpy(p->comm, e->comm, sizeof(p->comm));
+    }
+    struct mmstate *m = mm_get(e->mm, 1);
+    if (m)
+        m->tgid = e->tgid;
+#endif
     submit(ctx, e);
     return 0;
 }
@@ -639,9 +1284,49 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
         return 0;
     if ((u32)id != tgid)
         e->flags |= F_THREAD;
+#ifdef WITH_STATE
+    struct pstate *p = (u32)id == tgid ? st_proc.lookup(&tgid) : 0;
+    int idx = 0;
+    struct zeros *z = st_zero.lookup(&idx);
+    if (p && z && (p->flags & P_ALIVE)) {
+        // Figures as of the exit event: since v6.16 before the mm teardown,
+        // before it after it (README "Definitions").
+        u64 mm = p->mm;
+        struct mmstate *m = mm ? st_mm.lookup(&mm) : 0;
+        if (m)
+            bpf_probe_read_kernel(&p->exit, sizeof(p->exit), m);
+        else
+            bpf_probe_read_kernel(&p->exit, sizeof(p->exit), &z->mm);
+        p->exit_ns = e->ts;
+        __builtin_memcpy(p->comm, e->comm, sizeof(p->comm));
+        p->flags &= ~P_ALIVE;
+#ifndef HAVE_EXIT_MMAP_TP
+        // No exit_mmap tracepoint (before v6.1): an mm already torn down
+        // goes now.
+        if (m && m->nvmas == 0)
+            st_mm_gone(mm);
+#endif
+    }
+#endif
     submit(ctx, e);
     return 0;
 }
+
+#if defined(HAVE_EXIT_MMAP_TP) && (defined(DERIVE_FROM_KMEM) || defined(WITH_STATE))
+// exit_mmap ends an mm's teardown (tracepoint mmap:exit_mmap, v6.1). Since
+// v6.16 a task's exit event precedes exit_mm(), so the derived backend
+// flushes here too; the state forgets the mm.
+RAW_TRACEPOINT_PROBE(exit_mmap)
+{
+#ifdef DERIVE_FROM_KMEM
+    end_operation(ctx);
+#endif
+#ifdef WITH_STATE
+    st_mm_gone(ctx->args[0]);
+#endif
+    return 0;
+}
+#endif
 
 #ifdef FILTER_ENABLED
 // Forget a traced process only when its task is freed: since v6.16 the exit
@@ -653,6 +1338,42 @@ RAW_TRACEPOINT_PROBE(sched_process_free)
     u32 tgid = rd(task + OFF_TASK_TGID, 4);
     if (rd(task + OFF_TASK_PID, 4) == tgid)
         filter.delete(&tgid);
+    return 0;
+}
+#endif
+
+#ifdef WITH_STATE
+// The census: seed the state with every VMA of the processes running when
+// tracing began (task_vma iterator, v5.12; a TRACING program: kernels that
+// refuse fentry may still run it). Same facts and the same update as a
+// traced operation, counted as no probe event.
+BPF_ITER(task_vma)
+{
+    u64 task = (u64)ctx->task;
+    u64 vma = (u64)ctx->vma;
+    if (!task || !vma)
+        return 0;
+    u32 tgid = rd(task + OFF_TASK_TGID, 4);
+    // Threads share the leader's mm: visit each mm once.
+    if (rd(task + OFF_TASK_PID, 4) != tgid)
+        return 0;
+    if (!wanted_tgid(tgid))
+        return 0;
+    if (!rd64(vma + OFF_VMA_ANON_VMA))
+        return 0;
+    int zero = 0;
+    struct work *w = scratch.lookup(&zero);
+    if (!w)
+        return 0;
+    struct event *e = &w->e;
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = K_CENSUS_VMA;
+    e->tgid = tgid;
+    e->tid = tgid;
+    bpf_probe_read_kernel(&e->comm, sizeof(e->comm), (void *)(task + OFF_TASK_COMM));
+    fill_vma(e, vma);
+    e->cur_mm = e->mm;   // read in the process's own mm: it owns it
+    st_apply_vma(e, NO_PROBE, 1);
     return 0;
 }
 #endif

@@ -190,4 +190,18 @@ static __always_inline u64 read_avc(struct event *e, u64 avc, u64 *anon_vma)
     return SPAN_U64(sp->avc, AVC, AVC_VMA);
 }
 
+// Context of the task_vma iterator (kernel/bpf/task_iter.c; not in any
+// header BCC compiles with). The layout is the iterator's ABI.
+struct bpf_iter_meta {
+    struct seq_file *seq;
+    u64 session_id;
+    u64 seq_num;
+};
+
+struct bpf_iter__task_vma {
+    union { struct bpf_iter_meta *meta; };
+    union { struct task_struct *task; };
+    union { struct vm_area_struct *vma; };
+};
+
 #endif /* ANONTRACE_COMMON_H */

@@ -8,20 +8,6 @@
 
 #include "anontrace_common.h"
 
-// Context of the task_vma iterator (kernel/bpf/task_iter.c; not in any
-// header BCC compiles with). The layout is the iterator's ABI.
-struct bpf_iter_meta {
-    struct seq_file *seq;
-    u64 session_id;
-    u64 seq_num;
-};
-
-struct bpf_iter__task_vma {
-    union { struct bpf_iter_meta *meta; };
-    union { struct task_struct *task; };
-    union { struct vm_area_struct *vma; };
-};
-
 BPF_HASH(census_tgids, u32, u8, CENSUS_MAX);
 BPF_PERCPU_ARRAY(census_scratch, struct work, 1);
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import gc
 import os
 import re
@@ -16,13 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, cflags
+from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
 from tracer.events import (LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records,
                            lost_total)
 from tracer.headers import Headers, HeadersError, find_headers
+from tracer.kstate import G_NR, StateDump
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
 from tracer.layout import KernelLayout, read_layout
@@ -72,6 +74,9 @@ class TraceOptions:
     transport: str = "auto"  # auto, ringbuf, perf
     object_events: bool = False  # also report every anon_vma / chain entry alloc and free
     ringbuf_pages: int = 256     # ring buffer size in pages (a power of 2)
+    events: bool = True          # stream events (events, record, the Python model)
+    state: bool = False          # keep the figures in BPF maps (tracer.kstate)
+    map_sizes: MapSizes | None = None
     env: KernelEnv = field(default_factory=KernelEnv)
 
 
@@ -99,6 +104,7 @@ class KernelFacts:
     kmem_free_has_name: bool
     exit_mmap_tracepoint: bool
     kmem_raw: tuple[int, int] | None
+    no_prealloc: bool
     av_slab_size: int | None
     avc_slab_size: int | None
     headers: Headers | None
@@ -110,6 +116,15 @@ def task_storage_available(kallsyms: Kallsyms) -> bool:
     bpf_get_current_task_btf(): both v5.11 (4cf1bc1f1045, a10787e6d58c,
     3ca1032ab7ab)."""
     return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
+
+
+def no_prealloc_allowed(kallsyms: Kallsyms) -> bool:
+    """Whether tracing programs may use hash maps that allocate as entries
+    come (BPF_F_NO_PREALLOC): since commit 96da3f7d489d ("bpf: Remove tracing
+    program restriction on map types", v6.1), which rests on the BPF memory
+    allocator of the same release (7c8199e24fa0, "bpf: Introduce any context
+    BPF specific memory allocator."), whose entry point kallsyms then shows."""
+    return "bpf_mem_alloc" in kallsyms
 
 
 def read_kernel_facts(env: KernelEnv) -> KernelFacts:
@@ -143,6 +158,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
         kmem_free_has_name="name" in tracepoint_fields(free_fmt),
         exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
         kmem_raw=kmem_raw_cache_args(btf),
+        no_prealloc=no_prealloc_allowed(kallsyms),
         av_slab_size=slab_object_size(env, "anon_vma"),
         avc_slab_size=slab_object_size(env, "anon_vma_chain"),
         headers=headers, headers_error=headers_error)
@@ -169,6 +185,7 @@ class TraceSession:
         self._perf_lost = 0
         self.records = 0   # records the BPF side delivered (before derivation)
         self._deriver: Deriver | None = None
+        self._state_iter: Any = None
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> "TraceSession":
@@ -218,7 +235,7 @@ class TraceSession:
                 continue
             self.attempts.append(Attempt(backend, True))
             self.plan = plan
-            if backend == "tracepoint":
+            if backend == "tracepoint" and self.options.events:
                 self._deriver = Deriver(keep_objects=self.options.object_events)
             _settle_heap()
             return
@@ -269,6 +286,7 @@ class TraceSession:
         gc.unfreeze()
 
     def _release(self) -> None:
+        self._state_iter = None
         for prog, _ in self._census_progs.values():
             prog.cleanup()
         self._census_progs.clear()
@@ -299,7 +317,11 @@ class TraceSession:
             kmem_raw=facts.kmem_raw,
             task_storage=facts.task_storage,
             object_events=self.options.object_events,
-            ringbuf_pages=self.options.ringbuf_pages)
+            ringbuf_pages=self.options.ringbuf_pages,
+            events=self.options.events,
+            state=self.options.state,
+            map_sizes=self.options.map_sizes,
+            prealloc=not facts.no_prealloc)
 
     def _load(self, bcc: Any, plan: Plan) -> None:
         facts = self.facts
@@ -325,7 +347,8 @@ class TraceSession:
             table = self._bpf[b"filter"]
             for pid in self.options.pids:
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-        self._open_buffer(opts.ringbuf)
+        if opts.events:
+            self._open_buffer(opts.ringbuf)
 
     def _attach_kprobes(self, plan: Plan) -> None:
         for probe in LOGICAL_PROBES:
@@ -420,6 +443,71 @@ class TraceSession:
         usable = len(raw) - len(raw) % WIRE.size
         return raw[:usable] + _census_marker(time.monotonic_ns()), None
 
+    # -- state maps -----------------------------------------------------
+    def _table(self, name: str) -> Any:
+        if self._bpf is None or not self.options.state:
+            raise AnontraceError("trace session has no state maps")
+        return self._bpf[name.encode()]
+
+    def read_state(self, families: bool = True) -> StateDump:
+        """Dump the state maps (batch lookups): what every report and scrape
+        reads. ``families`` False skips the family map (a scrape between two
+        refreshes)."""
+        procs = _dump_hash(self._table("st_proc"), 4)
+        mms = _dump_hash(self._table("st_mm"), 8)
+        fams = _dump_hash(self._table("st_fam"), 4) if families else {}
+        g = self._table("st_global")
+        sums = [int(sum(g[ctypes.c_int(i)])) for i in range(G_NR)]
+        d = self._table("st_depths")
+        depths = [int(sum(d[ctypes.c_int(i)])) for i in range(len(d))]
+        return StateDump(mms=mms, procs=procs, families=fams, global_sums=sums, depths=depths)
+
+    def forget_processes(self, pids: list[int]) -> None:
+        """Delete exited processes from the state once they are reported."""
+        table = self._table("st_proc")
+        for pid in pids:
+            try:
+                del table[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+
+    def forget_mms(self, mms: list[int]) -> None:
+        """Delete address spaces that no process owns and that hold no VMA
+        (kernels without the exit_mmap tracepoint leave them)."""
+        table = self._table("st_mm")
+        for mm in mms:
+            try:
+                del table[ctypes.c_uint64(mm)]
+            except KeyError:
+                pass
+
+    def clear_state(self) -> None:
+        """Empty every state map but the counters (before a resync census)."""
+        for name in ("st_vma", "st_av", "st_mmav", "st_mm", "st_proc", "st_fam"):
+            self._table(name).clear()
+        g = self._table("st_global")
+        for i in range(3):   # the live totals; event counters and map_full carry on
+            g[ctypes.c_int(i)] = g.Leaf(*([0] * len(g[ctypes.c_int(i)])))
+
+    def state_census(self) -> str | None:
+        """Seed the state with the VMAs of the processes running now (the
+        traced ones, or all), with the main program's task_vma iterator.
+        Returns None, or why the kernel would not run it."""
+        bcc = import_bcc()
+        captured: list[str] = []
+        try:
+            if self._state_iter is None:
+                with _captured_stderr(captured):
+                    self._state_iter = self._bpf.load_func(b"bpf_iter__task_vma",
+                                                           bcc.BPF.TRACING)
+            _read_iterator(bcc, self._state_iter.fd)
+        except Exception as exc:  # BCC raises bare Exception on load errors
+            msg = _last_line(str(exc)) or type(exc).__name__
+            if "Operation not permitted" in msg + (captured[0] if captured else ""):
+                msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
+            return msg
+        return None
+
     # -- running ---------------------------------------------------------
     def add_pid(self, pid: int) -> None:
         """Start tracing another process (and, if following, its descendants)."""
@@ -434,6 +522,10 @@ class TraceSession:
         """
         if self._bpf is None:
             raise AnontraceError("trace session is not open")
+        if not self.options.events:
+            if timeout_ms > 0:
+                time.sleep(timeout_ms / 1000)
+            return []
         if self.transport == "ringbuf":
             self._bpf.ring_buffer_poll(timeout_ms)
         else:
@@ -571,6 +663,55 @@ def _read_iterator(bcc: Any, prog_fd: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(link)
+
+
+_DUMP_CHUNK = 4096
+_ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for this map
+
+
+def _dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
+    """Every entry of a hash map, key (an unsigned int of ``key_size``
+    bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (v5.6) in chunks of a
+    few thousand entries; entry by entry where the kernel has no batch ops."""
+    from bcc import libbcc  # noqa: PLC0415  (bcc is imported by the session already)
+
+    lib = libbcc.lib
+    vsize = ctypes.sizeof(table.Leaf)
+    count = _DUMP_CHUNK
+    out: dict[int, bytes] = {}
+    token = ctypes.c_uint32(0)
+    first = True
+    while True:
+        keys = ctypes.create_string_buffer(count * key_size)
+        values = ctypes.create_string_buffer(count * vsize)
+        n = ctypes.c_uint32(count)
+        out_token = ctypes.c_uint32(0)
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
+                                   ctypes.byref(out_token), keys, values, ctypes.byref(n))
+        err = ctypes.get_errno()
+        if res != 0 and err == errno.ENOSPC and count < 1 << 20:
+            count *= 4      # one bucket holds more entries than the chunk
+            continue
+        if res != 0 and err not in (errno.ENOENT, 0):
+            if first and err in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
+                return _dump_slow(table, key_size)
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        kraw, vraw = keys.raw, values.raw
+        for i in range(n.value):
+            out[int.from_bytes(kraw[i * key_size:(i + 1) * key_size], "little")] = \
+                vraw[i * vsize:(i + 1) * vsize]
+        if res != 0:
+            return out      # ENOENT: that was the last chunk
+        token = out_token
+        first = False
+
+
+def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for k, v in table.items():
+        out[int(k.value) if hasattr(k, "value") else int.from_bytes(bytes(k), "little")] = \
+            ctypes.string_at(ctypes.addressof(v), ctypes.sizeof(v))
+    return out
 
 
 def _census_marker(ts: int) -> bytes:

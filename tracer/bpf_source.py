@@ -31,6 +31,24 @@ class BuildOptions:
     max_depth: int = 128
     max_chain: int = 128
     census_all: bool = False  # census.bpf.c: every process, not the census_tgids map
+    events: bool = True       # stream events through the ring/perf buffer
+    state: bool = False       # keep the figures in maps (tracer/kstate.py reads them)
+    map_sizes: "MapSizes | None" = None
+    prealloc: bool = True     # preallocate the state maps (kernels before v6.1 need it)
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Entries of the state maps. The defaults hold a host with 10,000
+    processes and 1,000,000 live anon_vmas; an insert into a full map is
+    counted (anontrace_map_full_total) and recovered by a census."""
+
+    vmas: int = 1_310_720
+    anon_vmas: int = 1_048_576
+    mm_anon_vmas: int = 1_310_720
+    mms: int = 32_768
+    processes: int = 65_536
+    families: int = 32_768
 
 
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
@@ -87,5 +105,21 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     d["CENSUS_MAX"] = opts.filter_max
     if opts.census_all:
         d["CENSUS_ALL"] = None
+    if opts.events:
+        d["WITH_EVENTS"] = None
+    if opts.state:
+        sizes = opts.map_sizes or MapSizes()
+        d["WITH_STATE"] = None
+        d["ST_VMA_MAX"] = sizes.vmas
+        d["ST_AV_MAX"] = sizes.anon_vmas
+        d["ST_MMAV_MAX"] = sizes.mm_anon_vmas
+        d["ST_MM_MAX"] = sizes.mms
+        d["ST_PROC_MAX"] = sizes.processes
+        d["ST_FAM_MAX"] = sizes.families
+        # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front.
+        # Tracing programs may use such maps since commit 96da3f7d489d ("bpf:
+        # Remove tracing program restriction on map types", v6.1), on top of
+        # the BPF memory allocator (tracer.bpf_session.no_prealloc_allowed).
+        d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

@@ -20,6 +20,7 @@ from tracer.model import CENSUS_MISSING_REASON, Model
 from tracer.procs import proc_comm, proc_ppid, require_pids
 from tracer.recording import END, EVENTS, TICK, RecordingError, RecordingReader, RecordingWriter
 from tracer.report import build_report
+from tracer.state_report import StateReporter
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -40,6 +41,10 @@ class RunSpec:
     backend: str = "auto"
     transport: str = "auto"
     record: Path | None = None
+    # Where the figures come from: "state" (BPF maps, the default) or
+    # "events" (every operation streamed to the Python model; recordings
+    # always stream, and may keep the maps too).
+    source: str = "state"
     on_start: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -117,11 +122,22 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
         pids = spec.pids
     writer = None
     try:
+        from_state = spec.source == "state" and spec.record is None
         opts = TraceOptions(backend=spec.backend, pids=pids,
-                            follow_children=spec.follow_children, transport=spec.transport)
+                            follow_children=spec.follow_children, transport=spec.transport,
+                            events=not from_state, state=from_state or spec.source == "both")
         with TraceSession(opts) as session:
             assert session.plan is not None
             backend = session.plan.backend
+            if from_state:
+                census_missing = session.state_census() if spec.pids else None
+                reporter = StateReporter(backend, processes, census_missing)
+                spec.on_start(backend)
+                if go_fd is not None:
+                    os.write(go_fd, b"go\n")
+                    os.close(go_fd)
+                    go_fd = None
+                return _state_loop(spec, session, reporter, proc, emit)
             census_raw, census_missing = b"", None
             if spec.pids:
                 census_raw, census_missing = session.census(spec.pids)
@@ -183,6 +199,52 @@ def _loop(spec: RunSpec, session: Any, tracker: Tracker,
     status = _exit_status(proc) if proc is not None and proc.poll() is not None else 0
     _tick(tracker, session, emit, writer, final=True, exit_status=status)
     return status
+
+
+def _state_loop(spec: RunSpec, session: Any, reporter: StateReporter,
+                proc: subprocess.Popen[bytes] | None, emit: Emit) -> int:
+    """Report from the state maps until the family is gone (by the
+    kernel's word: /proc), -d ends, or Ctrl-C."""
+    start = time.monotonic()
+    next_report = start + spec.interval if spec.interval > 0 else float("inf")
+    done_since: float | None = None
+    try:
+        while True:
+            session.poll(100)
+            now = time.monotonic()
+            if now >= next_report:
+                _state_tick(reporter, session, emit, final=False)
+                next_report += spec.interval * max(1, int((now - next_report) / spec.interval) + 1)
+            if spec.duration and now - start >= spec.duration:
+                break
+            if proc is not None and proc.poll() is None:
+                done_since = None
+                continue
+            # Read the state now: a family member forked since the last
+            # report is then known (and checked in /proc) before we stop.
+            _state_peek(reporter, session)
+            if reporter.alive:
+                done_since = None
+            elif done_since is None:
+                done_since = now
+            elif now - done_since >= SETTLE_SECONDS:
+                break   # and the teardowns after the last exit are in
+    except KeyboardInterrupt:
+        pass
+    status = _exit_status(proc) if proc is not None and proc.poll() is not None else 0
+    _state_tick(reporter, session, emit, final=True)
+    return status
+
+
+def _state_peek(reporter: StateReporter, session: Any) -> None:
+    reporter.report(session.read_state(families=False), time.time(), 0, final=False)
+
+
+def _state_tick(reporter: StateReporter, session: Any, emit: Emit, final: bool) -> None:
+    report, gone = reporter.report(session.read_state(families=False), time.time(),
+                                   session.lost_total(), final)
+    session.forget_processes(gone)
+    emit(report)
 
 
 def _tick(tracker: Tracker, session: Any, emit: Emit, writer: RecordingWriter | None,

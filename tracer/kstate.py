@@ -1,0 +1,224 @@
+"""The figures the BPF programs keep in maps (WITH_STATE), decoded.
+
+The programs update the state as the kernel works (bpf_programs/
+anontrace.bpf.c, section "state maps"); user space only reads it, when it
+reports or is scraped. This module is pure Python: it decodes the raw bytes
+of the maps (as :meth:`tracer.bpf_session.TraceSession.read_state` dumps
+them) into :class:`KernelState`, with the same definitions as
+:class:`tracer.model.Model` (README "Definitions"), so unit tests run it on
+dumps recorded from real kernels and compare it with a replay.
+
+Layouts mirror the C structs; ``tests/unit/test_kstate.py`` checks them
+against the C source.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from tracer.model import PROBE_NAMES, ProcessFigures
+
+NB = 64                       # histogram bins (C: NB)
+
+# struct vstate / avstate / mmav_key / mmav / mmstate / figs / pstate / famstate
+VSTATE = struct.Struct("<QQII")
+AVSTATE = struct.Struct("<QQQ8I")
+MMSTATE_FMT = f"4I4I3II{NB}I{NB}I{NB}I"
+MMSTATE = struct.Struct("<" + MMSTATE_FMT)
+PSTATE = struct.Struct("<QQII4I16s" + MMSTATE_FMT)
+FAMSTATE = struct.Struct(f"<4I{NB}I")
+
+P_ALIVE, P_UNSEEN, P_CENSUS = 1, 2, 4
+
+# st_global indexes (C: G_*)
+G_AVS, G_CHAINS, G_ORPHANS, G_EVENTS, G_ANOMALIES, G_FULL = 0, 1, 2, 3, 7, 8
+G_NR = 14
+MAP_NAMES = ("vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families")
+
+PREEXISTING_REASON = ("processes running before tracing began: anon_vmas of their VMAs that no "
+                      "event touched since are unknown")
+
+
+def hist_max(hist: tuple[int, ...] | list[int], big: int) -> int:
+    """The largest value a histogram holds (C: hist_max): bins 0..NB-2 are
+    exact; the top bin holds "NB-1 or more", whose largest value is ``big``."""
+    top = 0
+    for i in range(len(hist) - 1, -1, -1):
+        if hist[i]:
+            top = i
+            break
+    return big if top == NB - 1 else top
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class MmRow:
+    """One address space's figures (struct mmstate)."""
+
+    mm: int
+    tgid: int
+    vmas: int
+    anon_vmas: int
+    anon_vma_chains: int
+    events: tuple[int, int, int, int]
+    max_depth: int
+    max_chain: int
+    max_degree: int
+
+    @staticmethod
+    def decode(mm: int, raw: bytes) -> "MmRow":
+        return MmRow.from_fields(mm, MMSTATE.unpack_from(raw))
+
+    @staticmethod
+    def from_fields(mm: int, f: tuple[int, ...]) -> "MmRow":
+        big = f[8:11]
+        depth = f[12:12 + NB]
+        chain = f[12 + NB:12 + 2 * NB]
+        degree = f[12 + 2 * NB:12 + 3 * NB]
+        return MmRow(mm, f[0], f[1], f[2], f[3], (f[4], f[5], f[6], f[7]),
+                     hist_max(depth, big[0]), hist_max(chain, big[1]),
+                     hist_max(degree, big[2]))
+
+
+@dataclass(frozen=True)
+class ProcRow:
+    """One process (struct pstate): alive with its mm's figures, or exited
+    with its figures as of the exit event."""
+
+    pid: int
+    ppid: int
+    comm: str
+    alive: bool
+    flags: int
+    mm: int
+    exit_ns: int
+    figures: ProcessFigures
+
+    @property
+    def unseen(self) -> bool:
+        """First seen mid-life and not covered by a census."""
+        return bool(self.flags & P_UNSEEN) and not self.flags & P_CENSUS
+
+
+def _figures(events: Iterable[int], mm: MmRow | None) -> ProcessFigures:
+    ev = list(events)
+    if mm is not None:
+        ev = [a + b for a, b in zip(ev, mm.events)]
+    names = dict(zip(PROBE_NAMES, ev))
+    if mm is None:
+        return ProcessFigures(0, 0, 0, 0, 0, names)
+    return ProcessFigures(mm.anon_vmas, mm.anon_vma_chains, mm.max_depth, mm.max_degree,
+                          mm.max_chain, names)
+
+
+def decode_proc(pid: int, raw: bytes, mms: dict[int, MmRow]) -> ProcRow:
+    """A struct pstate; a live process's figures come from its mm's row."""
+    f = PSTATE.unpack_from(raw)
+    mm, exit_ns, ppid, flags = f[0], f[1], f[2], f[3]
+    ev_prev = f[4:8]
+    comm = _comm(f[8])
+    alive = bool(flags & P_ALIVE)
+    if alive:
+        figures = _figures(ev_prev, mms.get(mm) if mm else None)
+    else:
+        # The snapshot of its mm at exit (all zero: no mm left by then).
+        figures = _figures(ev_prev, MmRow.from_fields(mm, f[9:]))
+    return ProcRow(pid, ppid, comm, alive, flags, mm, exit_ns, figures)
+
+
+@dataclass(frozen=True)
+class FamilyState:
+    """A family (struct famstate): the anon_vmas whose roots one process
+    created, by that process's pid."""
+
+    pid: int
+    anon_vmas: int
+    orphaned_anon_vmas: int
+    max_depth: int
+
+    @staticmethod
+    def decode(pid: int, raw: bytes) -> "FamilyState":
+        f = FAMSTATE.unpack_from(raw)
+        return FamilyState(pid, f[0], f[1], hist_max(f[4:4 + NB], f[2]))
+
+
+@dataclass
+class Globals:
+    """The per-CPU counters of st_global and st_depths, summed."""
+
+    anon_vmas: int = 0
+    anon_vma_chains: int = 0
+    orphaned_anon_vmas: int = 0
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROBE_NAMES, 0))
+    anomalies: int = 0
+    map_full: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MAP_NAMES, 0))
+    learned_depths: dict[int, int] = field(default_factory=dict)
+
+    @staticmethod
+    def from_sums(sums: list[int], depths: list[int]) -> "Globals":
+        """``sums``: st_global summed over CPUs; ``depths``: st_depths."""
+        g = Globals(anon_vmas=max(0, sums[G_AVS]), anon_vma_chains=max(0, sums[G_CHAINS]),
+                    orphaned_anon_vmas=max(0, sums[G_ORPHANS]), anomalies=sums[G_ANOMALIES])
+        g.events = {name: sums[G_EVENTS + i] for i, name in enumerate(PROBE_NAMES)}
+        g.map_full = {name: sums[G_FULL + i] for i, name in enumerate(MAP_NAMES)}
+        g.learned_depths = {d: n for d, n in enumerate(depths) if n}
+        return g
+
+    @property
+    def map_full_total(self) -> int:
+        return sum(self.map_full.values())
+
+
+@dataclass
+class StateDump:
+    """The raw contents of the state maps (keys as ints, values as bytes)."""
+
+    mms: dict[int, bytes]
+    procs: dict[int, bytes]
+    families: dict[int, bytes]
+    global_sums: list[int]
+    depths: list[int]
+
+
+@dataclass
+class KernelState:
+    """Everything the reports need, decoded from one :class:`StateDump`."""
+
+    mms: dict[int, MmRow]
+    processes: dict[int, ProcRow]
+    families: dict[int, FamilyState]
+    globals: Globals
+
+    @staticmethod
+    def decode(dump: StateDump) -> "KernelState":
+        mms = {mm: MmRow.decode(mm, raw) for mm, raw in dump.mms.items()}
+        procs = {pid: decode_proc(pid, raw, mms) for pid, raw in dump.procs.items()}
+        fams = {pid: FamilyState.decode(pid, raw) for pid, raw in dump.families.items()}
+        return KernelState(mms, procs, fams, Globals.from_sums(dump.global_sums, dump.depths))
+
+    def totals(self) -> dict[str, int]:
+        g = self.globals
+        return {"anon_vmas": g.anon_vmas, "anon_vma_chains": g.anon_vma_chains,
+                "orphaned_anon_vmas": g.orphaned_anon_vmas}
+
+    def partial_reasons(self, lost: int = 0) -> list[str]:
+        """Why the figures may be incomplete (empty: exact), as
+        :attr:`tracer.model.Model.partial_reasons` words them."""
+        out = []
+        if lost:
+            out.append(f"{lost} events lost: figures may be stale or missing until later "
+                       "events repair them")
+        g = self.globals
+        if g.map_full_total:
+            full = ", ".join(f"{k} {v}" for k, v in g.map_full.items() if v)
+            out.append(f"state maps full ({full}): what did not fit is missing until a census")
+        if g.anomalies:
+            out.append(f"{g.anomalies} state anomalies (a free or an exit the programs did "
+                       "not see)")
+        if any(p.unseen for p in self.processes.values()):
+            out.append(PREEXISTING_REASON)
+        return out
