@@ -1,0 +1,122 @@
+"""tracer.kstate: the decoder of the BPF state maps.
+
+The struct layouts are checked against bpf_programs/anontrace.bpf.c itself
+(a field added on one side alone fails here), and the figures against the
+definitions the Python model uses.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from tracer import kstate
+from tracer.bpf_source import MAIN_PROGRAM
+from tracer.kstate import NB, KernelState, MmRow, StateDump, hist_max
+
+C_TYPES = {"u64": 8, "u32": 4, "s64": 8, "char": 1}
+
+
+def _c_fields(name: str) -> list[tuple[str, int, int]]:
+    """(type, count, size) of each member of ``struct name`` in the C file."""
+    text = MAIN_PROGRAM.read_text()
+    m = re.search(r"struct %s \{(.*?)\n\};" % name, text, re.S)
+    assert m, f"struct {name} not found in {MAIN_PROGRAM.name}"
+    out = []
+    for line in m.group(1).splitlines():
+        line = line.split("//")[0].strip()
+        if not line:
+            continue
+        f = re.fullmatch(r"(struct \w+|\w+) (\w+)(?:\[(\w+)\])?;", line)
+        assert f, f"cannot read member {line!r} of struct {name}"
+        typ, count = f.group(1), f.group(3)
+        n = 1 if count is None else (NB if count == "NB" else int(count))
+        size = _c_size(typ.split()[1]) if typ.startswith("struct ") else C_TYPES[typ]
+        out.append((typ, n, size))
+    return out
+
+
+def _c_size(name: str) -> int:
+    return sum(n * size for _, n, size in _c_fields(name))
+
+
+@pytest.mark.parametrize("cname, fmt", [
+    ("vstate", kstate.VSTATE), ("avstate", kstate.AVSTATE), ("mmstate", kstate.MMSTATE),
+    ("pstate", kstate.PSTATE), ("famstate", kstate.FAMSTATE)])
+def test_layouts_match_the_c_source(cname: str, fmt: struct.Struct) -> None:
+    assert fmt.size == _c_size(cname)
+
+
+def test_nb_matches_the_c_source() -> None:
+    m = re.search(r"#define NB (\d+)", MAIN_PROGRAM.read_text())
+    assert m and int(m.group(1)) == NB
+
+
+def test_global_indexes_match_the_c_source() -> None:
+    text = MAIN_PROGRAM.read_text()
+    defs = dict(re.findall(r"#define (G_\w+) (\d+)", text))
+    assert int(defs["G_AVS"]) == kstate.G_AVS
+    assert int(defs["G_EVENTS"]) == kstate.G_EVENTS
+    assert int(defs["G_ANOMALIES"]) == kstate.G_ANOMALIES
+    assert int(defs["G_FULL"]) == kstate.G_FULL
+    assert int(defs["G_NR"]) == kstate.G_NR == kstate.G_FULL + len(kstate.MAP_NAMES)
+
+
+def test_hist_max() -> None:
+    h = [0] * NB
+    assert hist_max(h, 0) == 0
+    h[3] = 2
+    h[1] = 5
+    assert hist_max(h, 0) == 3
+    h[NB - 1] = 1
+    assert hist_max(h, 200) == 200    # the top bin's largest value
+
+
+def _mm_raw(tgid: int, vmas: int, avs: int, chains: int, events: tuple[int, ...],
+            depth: dict[int, int], chain: dict[int, int], degree: dict[int, int]) -> bytes:
+    hists = []
+    for h in (depth, chain, degree):
+        row = [0] * NB
+        for k, v in h.items():
+            row[k] = v
+        hists.extend(row)
+    return kstate.MMSTATE.pack(tgid, vmas, avs, chains, *events, 0, 0, 0, 0, *hists)
+
+
+def test_decode_live_and_exited_processes() -> None:
+    mm = _mm_raw(100, 13, 13, 39, (13, 13, 0, 0), {3: 1, 2: 1, 1: 11}, {3: 13}, {1: 2, 0: 11})
+    row = MmRow.decode(0xAA, mm)
+    assert (row.anon_vmas, row.anon_vma_chains, row.max_depth, row.max_chain,
+            row.max_degree) == (13, 39, 3, 3, 1)
+    live = kstate.PSTATE.pack(0xAA, 0, 99, kstate.P_ALIVE, 1, 2, 0, 0, b"live",
+                              *struct.unpack(kstate.MMSTATE.format, bytes(kstate.MMSTATE.size)))
+    exited = kstate.PSTATE.pack(0, 123, 100, 0, 0, 0, 0, 0, b"gone\0junk",
+                                *kstate.MMSTATE.unpack(mm))
+    dump = StateDump(mms={0xAA: mm}, procs={100: live, 101: exited}, families={},
+                     global_sums=[0] * kstate.G_NR, depths=[0] * 129)
+    st = KernelState.decode(dump)
+    p = st.processes[100]
+    assert p.alive and p.comm == "live" and p.ppid == 99
+    # a live process: its mm's figures, plus the events of mms it had before
+    assert p.figures.anon_vmas == 13 and p.figures.events["anon_vma_fork"] == 14
+    assert p.figures.events["anon_vma_clone"] == 15
+    q = st.processes[101]
+    assert not q.alive and q.comm == "gone"
+    assert (q.figures.anon_vmas, q.figures.max_depth, q.figures.max_chain) == (13, 3, 3)
+
+
+def test_partial_reasons_name_full_maps() -> None:
+    sums = [0] * kstate.G_NR
+    sums[kstate.G_FULL + 1] = 7
+    st = KernelState.decode(StateDump({}, {}, {}, sums, []))
+    assert st.globals.map_full["anon_vmas"] == 7
+    assert any("anon_vmas 7" in r for r in st.partial_reasons())
+    assert st.partial_reasons(0) and not KernelState.decode(
+        StateDump({}, {}, {}, [0] * kstate.G_NR, [])).partial_reasons()
+
+
+def test_module_is_pure() -> None:
+    src = Path(kstate.__file__).read_text()
+    assert "import bcc" not in src and "from bcc" not in src
