@@ -48,6 +48,7 @@ class StateReporter:
         self._retired: dict[int, ProcRow] = {}
         self._ppids: dict[int, int] = {}
         self._exit_unseen: set[int] = set()
+        self._suspects: set[int] = set()
         self.alive: list[int] = []
 
     def _ppid(self, row: ProcRow) -> int:
@@ -77,12 +78,20 @@ class StateReporter:
                                         P_UNSEEN if d.get("preexisting") else 0, 0, 0,
                                         _NO_FIGURES)
         for row in rows_now.values():
-            if row.alive and not proc_gone(row.pid, self._proc):
-                live.append(row)
-            else:
-                if row.alive:
-                    self._exit_unseen.add(row.pid)   # exit missed: its figures now
+            if not row.alive:
                 gone.append(row)
+            elif not proc_gone(row.pid, self._proc):
+                live.append(row)
+                self._suspects.discard(row.pid)
+            elif row.pid in self._suspects or final:
+                # Alive in two dumps in a row but gone from /proc: its exit
+                # was missed. Its figures as they are now.
+                self._exit_unseen.add(row.pid)
+                gone.append(row)
+            else:
+                # It may have exited between the dump and the look at /proc:
+                # the next dump will say.
+                self._suspects.add(row.pid)
         for row in gone:
             self._retired[row.pid] = row
         self.alive = [r.pid for r in live]
