@@ -544,7 +544,8 @@ static __always_inline void st_mm_gone(u64 mm)
         return;
     u32 tgid = m->tgid;
     struct pstate *p = tgid ? st_proc.lookup(&tgid) : 0;
-    if (p && p->mm == mm) {
+    // An exited owner's figures (events included) were taken at its exit.
+    if (p && p->mm == mm && (p->flags & P_ALIVE)) {
         for (int i = 0; i < 4; i++)
             p->ev_prev[i] += m->events[i];
         p->mm = 0;

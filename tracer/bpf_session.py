@@ -76,6 +76,10 @@ class TraceOptions:
     ringbuf_pages: int = 256     # ring buffer size in pages (a power of 2)
     events: bool = True          # stream events (events, record, the Python model)
     state: bool = False          # keep the figures in BPF maps (tracer.kstate)
+    # Backends the state maps are used with. The fentry and kprobe variants
+    # of the state code have not yet been run on a real kernel: until they
+    # are, those backends stream events to the Python model as before.
+    state_backends: tuple[str, ...] = ("tracepoint",)
     map_sizes: MapSizes | None = None
     env: KernelEnv = field(default_factory=KernelEnv)
 
@@ -235,7 +239,7 @@ class TraceSession:
                 continue
             self.attempts.append(Attempt(backend, True))
             self.plan = plan
-            if backend == "tracepoint" and self.options.events:
+            if backend == "tracepoint" and self.streams_events:
                 self._deriver = Deriver(keep_objects=self.options.object_events)
             _settle_heap()
             return
@@ -318,10 +322,23 @@ class TraceSession:
             task_storage=facts.task_storage,
             object_events=self.options.object_events,
             ringbuf_pages=self.options.ringbuf_pages,
-            events=self.options.events,
-            state=self.options.state,
+            events=self.options.events or not self._state_for(plan),
+            state=self._state_for(plan),
             map_sizes=self.options.map_sizes,
             prealloc=not facts.no_prealloc)
+
+    def _state_for(self, plan: Plan) -> bool:
+        return self.options.state and plan.backend in self.options.state_backends
+
+    @property
+    def uses_state(self) -> bool:
+        """Whether the loaded program keeps the state maps."""
+        return self.plan is not None and self._state_for(self.plan)
+
+    @property
+    def streams_events(self) -> bool:
+        """Whether the loaded program streams events."""
+        return self.plan is not None and (self.options.events or not self._state_for(self.plan))
 
     def _load(self, bcc: Any, plan: Plan) -> None:
         facts = self.facts
@@ -445,7 +462,7 @@ class TraceSession:
 
     # -- state maps -----------------------------------------------------
     def _table(self, name: str) -> Any:
-        if self._bpf is None or not self.options.state:
+        if self._bpf is None or not self.uses_state:
             raise AnontraceError("trace session has no state maps")
         return self._bpf[name.encode()]
 
@@ -522,7 +539,7 @@ class TraceSession:
         """
         if self._bpf is None:
             raise AnontraceError("trace session is not open")
-        if not self.options.events:
+        if not self.streams_events:
             if timeout_ms > 0:
                 time.sleep(timeout_ms / 1000)
             return []

@@ -129,7 +129,7 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
         with TraceSession(opts) as session:
             assert session.plan is not None
             backend = session.plan.backend
-            if from_state:
+            if from_state and session.uses_state:
                 census_missing = session.state_census() if spec.pids else None
                 reporter = StateReporter(backend, processes, census_missing)
                 spec.on_start(backend)
