@@ -2,8 +2,10 @@
 # Install what anontrace needs on Debian 12, as root, into ./.venv.
 #   scripts/install.sh          runtime: BCC, bpftool, headers, the venv
 #   scripts/install.sh --test   also: the 6.1 and 6.12 kernels, QEMU and
-#                               virtme-ng for the guest tests, gcc, drgn and
-#                               the 6.12 debug vmlinux for ground truth
+#                               virtme-ng for the guest tests, gcc, drgn,
+#                               the 6.12 debug vmlinux for ground truth and
+#                               bpftrace (the peer bench/fork_overhead.py
+#                               compares against)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt_pkgs=(python3 python3-venv python3-pip python3-bpfcc bpftool linux-headers-amd64 kmod)
 if [ "$want_test" = 1 ]; then
     apt_pkgs+=(gcc libc6-dev make linux-image-amd64 linux-image-6.12-amd64
-               linux-headers-6.12-amd64 qemu-system-x86 busybox-static prometheus)
+               linux-headers-6.12-amd64 qemu-system-x86 busybox-static prometheus
+               bpftrace)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
