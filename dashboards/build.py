@@ -259,7 +259,10 @@ def overview() -> dm.Dashboard:
                     "{{instance}} lost"),
               query("sum by (instance) "
                     f"(increase(anontrace_resyncs_total{{{INST}}}[$__rate_interval]))",
-                    "{{instance}} resyncs", ref="B")], unit="ops", w=8)))
+                    "{{instance}} resyncs", ref="B"),
+              query("sum by (instance, map) "
+                    f"(rate(anontrace_map_full_total{{{INST}}}[$__rate_interval]))",
+                    "{{instance}} {{map}} full", ref="C")], unit="ops", w=8)))
 
     bucket_rate = ("sum by (instance, le) "
                    f"(rate(anontrace_hierarchy_depth_bucket{{{INST}}}[$__rate_interval]))")

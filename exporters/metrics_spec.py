@@ -46,6 +46,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("anontrace_resyncs", "counter",
                "Times the state was rebuilt from a census of every process's VMAs after "
                "lost events had left it stale."),
+    MetricSpec("anontrace_map_full", "counter",
+               "Inserts a full BPF state map refused (each also counts as a lost event); "
+               "the state is rebuilt from a census once they stop.", ("map",)),
     MetricSpec("anontrace_hierarchy_depth", "histogram",
                "Depth of anon_vmas as they are created (root = 1)."),
     MetricSpec("anontrace_process_anon_vmas", "gauge",

@@ -16,6 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporters.metrics_spec import BY_NAME, DEPTH_BUCKETS, METRICS, PROBES
 from exporters.view import Snapshot
+from tracer.kstate import MAP_NAMES
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ExportState:
     resyncs: int = 0
     build: dict[str, str] = field(default_factory=dict)   # version, kernel, backend, transport
     probes: list[ProbeStatus] = field(default_factory=list)
+    map_full: dict[str, int] = field(default_factory=dict)   # inserts refused, per state map
 
 
 def _family(name: str, labels: Iterable[str] = ()) -> Metric:
@@ -105,6 +107,11 @@ class AnontraceCollector:
 
         m = _family("anontrace_resyncs")
         m.add_metric([], st.resyncs)
+        yield m
+
+        m = _family("anontrace_map_full")
+        for name in MAP_NAMES:
+            m.add_metric([name], st.map_full.get(name, 0))
         yield m
 
         m = _family("anontrace_hierarchy_depth")

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tracer.kstate import KernelState, ProcRow
 from tracer.model import Model, Process
 
 # What may appear in a comm label: printable ASCII and any non-control
@@ -132,6 +133,49 @@ class TopView:
         if families:
             self.refresh_families(model)
         snap.families = self._families
+        return snap
+
+    def note_exited_rows(self, rows: list[ProcRow], now: float) -> None:
+        """Exited processes read from the state maps (see :meth:`note_exited`)."""
+        for r in rows:
+            self._comms[r.pid] = r.comm
+            f = r.figures
+            if f.anon_vmas and self.eligible(r):   # type: ignore[arg-type]  (pid, comm)
+                self._exited[r.pid] = (now, ProcessRow(r.pid, safe_comm(r.comm), f.anon_vmas,
+                                                       f.anon_vma_chains, f.max_depth,
+                                                       f.max_degree, False))
+        self.note_exited([], now)   # bound what is kept
+
+    def snapshot_state(self, state: KernelState, now: float) -> Snapshot:
+        """The figures to export from the state maps (tracer.kstate): the
+        same ranking, expiry and bounds as :meth:`snapshot`."""
+        live = {pid: r for pid, r in state.processes.items() if r.alive}
+        self._expire(now, live)   # type: ignore[arg-type]  (only membership is used)
+        g = state.globals
+        snap = Snapshot(tracked_processes=len(live), learned_depths=dict(g.learned_depths),
+                        anon_vmas=g.anon_vmas, anon_vma_chains=g.anon_vma_chains,
+                        orphaned_anon_vmas=g.orphaned_anon_vmas)
+        for r in live.values():
+            self._comms[r.pid] = r.comm
+        cands = heapq.nlargest(self.top_k, (r for r in live.values()
+                                            if r.figures.anon_vmas and self.eligible(r)),  # type: ignore[arg-type]
+                               key=lambda r: (r.figures.anon_vmas, r.figures.max_depth, -r.pid))
+        rows = [ProcessRow(r.pid, safe_comm(r.comm), r.figures.anon_vmas,
+                           r.figures.anon_vma_chains, r.figures.max_depth,
+                           r.figures.max_degree, True) for r in cands]
+        rows.extend(row for _, row in self._exited.values())
+        rows.sort(key=lambda r: (-r.anon_vmas, -r.max_depth, r.pid))
+        snap.processes = rows[:self.top_k]
+        fams = [f for f in state.families.values() if f.pid and f.anon_vmas]
+        best = heapq.nlargest(self.top_k, fams,
+                              key=lambda f: (f.anon_vmas, f.max_depth, -f.pid))
+        snap.families = [FamilyRow(str(f.pid), safe_comm(self._comms.get(f.pid, "")),
+                                   f.anon_vmas, f.orphaned_anon_vmas, f.max_depth)
+                         for f in best]
+        if len(self._comms) > len(live) + 4096:
+            keep = set(live) | set(self._exited) | {f.pid for f in fams}
+            self._comms = {pid: c for pid, c in self._comms.items() if pid in keep}
+        self._families = snap.families
         return snap
 
     def _top_processes(self, model: Model) -> list[ProcessRow]:

@@ -76,10 +76,8 @@ class TraceOptions:
     ringbuf_pages: int = 256     # ring buffer size in pages (a power of 2)
     events: bool = True          # stream events (events, record, the Python model)
     state: bool = False          # keep the figures in BPF maps (tracer.kstate)
-    # Backends the state maps are used with. The fentry and kprobe variants
-    # of the state code have not yet been run on a real kernel: until they
-    # are, those backends stream events to the Python model as before.
-    state_backends: tuple[str, ...] = ("tracepoint",)
+    # Backends the state maps are used with (all: a test may narrow it).
+    state_backends: tuple[str, ...] = BACKENDS
     map_sizes: MapSizes | None = None
     env: KernelEnv = field(default_factory=KernelEnv)
 

@@ -20,6 +20,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from tracer.bpf_source import MapSizes
 from tracer.errors import AnontraceError
 
 # Placeholder: another engineer will set the final value. Defaults and error
@@ -80,6 +81,7 @@ class ServeConfig:
     # YAML key "exited_expiry": how long an exited process stays eligible for top-K.
     exited_expiry_seconds: float = 300.0
     growth: GrowthConfig = GrowthConfig()
+    maps: MapSizes = MapSizes()            # entries of the BPF state maps
     source: str = "<defaults>"             # the file it came from
 
     def listen_address(self) -> tuple[str, int]:
@@ -226,6 +228,16 @@ def _positive_int(node: Node, path: str) -> int:
     return _int(node, path)
 
 
+MAP_ENTRIES_MAX = 1 << 26
+
+
+def _map_entries(node: Node, path: str) -> int:
+    value = _int(node, path, MAP_ENTRIES_MAX)
+    if value < 1024:
+        raise _Invalid(node, path, f"expected at least 1024 entries, got {value}")
+    return value
+
+
 def _top_k(node: Node, path: str) -> int:
     return _int(node, path, TOP_K_MAX)
 
@@ -329,6 +341,10 @@ _GROWTH: dict[str, tuple[str, _Parser]] = {
     "min_host_anon_vmas_increase": ("min_host_anon_vmas_increase", _positive_int),
 }
 
+_MAPS: dict[str, tuple[str, _Parser]] = {
+    key: (key, _map_entries) for key in
+    ("vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families")}
+
 
 def _section(cls: type, keys: dict[str, tuple[str, _Parser]]) -> _Parser:
     def parse(node: Node, path: str) -> Any:
@@ -343,6 +359,7 @@ _SERVE: dict[str, tuple[str, _Parser]] = {
     "top_k": ("top_k", _top_k),
     "exited_expiry": ("exited_expiry_seconds", _duration),
     "growth": ("growth", _section(GrowthConfig, _GROWTH)),
+    "maps": ("maps", _section(MapSizes, _MAPS)),
 }
 
 

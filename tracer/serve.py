@@ -1,8 +1,10 @@
-"""`anontrace serve`: the model system-wide, exported to Prometheus.
+"""`anontrace serve`: the figures system-wide, exported to Prometheus.
 
-One thread polls the BPF session and applies events to the model under a
-lock; the HTTP server's threads take the same lock for the moment a scrape
-needs to read the model (exporters.view). SIGTERM and SIGINT stop the loop;
+The BPF programs keep the figures in maps (tracer.kstate); the loop thread
+reads them once a second (batch lookups), retires exited processes and
+builds the snapshot a scrape exports, so a scrape costs no map read at all.
+Where the state maps are not used, one thread polls events and applies them
+to the Python model under a lock instead. SIGTERM and SIGINT stop the loop;
 leaving the TraceSession context detaches every probe.
 """
 from __future__ import annotations
@@ -23,10 +25,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporters.http import HttpServer, landing_page, make_app
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
-from exporters.view import TopView
+from exporters.view import Snapshot, TopView
 from tracer import __version__
 from tracer.config import ServeConfig, parse_listen
 from tracer.events import LOGICAL_KINDS, WIRE, Event, decode_many, lost_total
+from tracer.kstate import KernelState
 from tracer.model import Model, Process
 from tracer.procs import proc_cgroup, proc_comm, proc_ppid
 
@@ -35,6 +38,8 @@ APPLY_CHUNK = 4096          # events applied per lock hold: a scrape waits at mo
 HOUSEKEEPING_S = 2.0        # exited processes, lost counters, families
 FORGET_MM_S = 10.0          # drop dead address spaces
 RESYNC_MIN_S = 10.0         # at most one census rebuild per this many seconds
+SNAPSHOT_S = 1.0            # state maps read this often (scrapes export the latest)
+SWEEP_S = 10.0              # processes whose exit was missed dropped this often
 _KIND = operator.attrgetter("kind")
 
 
@@ -189,7 +194,8 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
     # 4 MiB of ring buffer (25k events) rides out more of them than 1 MiB,
     # and costs 8 MB of RSS (the kernel maps the data pages twice).
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
-                        ringbuf_pages=SERVE_RINGBUF_PAGES)
+                        ringbuf_pages=SERVE_RINGBUF_PAGES, events=False, state=True,
+                        map_sizes=cfg.maps)
     with _Stop() as signals, TraceSession(opts) as session:
         assert session.plan is not None
         session.drop_bulk_facts()
@@ -197,21 +203,32 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
         build = {"version": __version__, "kernel": os.uname().release,
                  "backend": session.plan.backend, "transport": session.transport}
         selection = Selection(cfg)
-        state = ServeState(cfg, build, _probe_statuses(session.plan), selection)
-        can_resync = _census(session, state, cfg.selection.pids)
+        if session.uses_state:
+            kstate = StateServe(cfg, build, _probe_statuses(session.plan), selection)
+            census_missing = session.state_census()
+            kstate.refresh(session, time.monotonic())
+            export: Callable[[], ExportState] = kstate.export
+        else:
+            state = ServeState(cfg, build, _probe_statuses(session.plan), selection)
+            can_resync = _census(session, state, cfg.selection.pids)
+            export = state.export
         session.release_compiler_pages()
         _return_freed_memory()
         registry = CollectorRegistry()
-        AnontraceCollector(state.export, registry=registry)
+        AnontraceCollector(export, registry=registry)
         ProcessCollector(registry=registry)
         server = HttpServer(host, port, make_app(
-            registry, lambda: landing_page(state.export(), cfg.source)))
+            registry, lambda: landing_page(export(), cfg.source)))
         try:
             on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
                      f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
                      f"{server.port}/metrics")
-            _loop(session, state, selection, stop or signals.event, signals.event,
-                  cfg.selection.pids if can_resync else None)
+            if session.uses_state:
+                _state_loop(session, kstate, selection, stop or signals.event, signals.event,
+                            census_missing is None)
+            else:
+                _loop(session, state, selection, stop or signals.event, signals.event,
+                      cfg.selection.pids if can_resync else None)
         finally:
             server.close()
     return 0
@@ -264,3 +281,76 @@ def _loop(session: Any, state: ServeState, selection: Selection,
             _return_freed_memory()
             synced_lost = lost
             next_resync = time.monotonic() + RESYNC_MIN_S
+
+
+class StateServe:
+    """Serve from the state maps: the snapshot a scrape exports, refreshed by
+    the loop thread (:meth:`refresh`), and the counters that carry over a
+    resync."""
+
+    def __init__(self, cfg: ServeConfig, build: dict[str, str], probes: list[ProbeStatus],
+                 selection: Callable[[Any], bool] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.view = TopView(cfg.top_k, cfg.exited_expiry_seconds,
+                            selection or (lambda p: True))
+        self.build = build
+        self.probes = probes
+        self.resyncs = 0
+        self.map_full_total = 0
+        self.alive: list[int] = []
+        self._current = ExportState(snapshot=Snapshot(), build=build, probes=probes)
+
+    def refresh(self, session: Any, now: float) -> list[int]:
+        """Read the maps, retire exited processes (deleted from the maps once
+        noted) and build the next snapshot. Returns the exited pids."""
+        state = KernelState.decode(session.read_state())
+        exited = [r for r in state.processes.values() if not r.alive]
+        self.view.note_exited_rows(exited, now)
+        snap = self.view.snapshot_state(state, now)
+        gone = [r.pid for r in exited]
+        session.forget_processes(gone)
+        g = state.globals
+        self.map_full_total = g.map_full_total
+        self.alive = [pid for pid, r in state.processes.items() if r.alive]
+        current = ExportState(snapshot=snap, events_by_probe=dict(g.events),
+                              lost_events=session.lost_total() + g.map_full_total,
+                              resyncs=self.resyncs, build=self.build, probes=self.probes,
+                              map_full=dict(g.map_full))
+        with self.lock:
+            self._current = current
+        return gone
+
+    def export(self) -> ExportState:
+        """What a scrape exports now (called from collect())."""
+        with self.lock:
+            return self._current
+
+
+def _state_loop(session: Any, kstate: StateServe, selection: Selection,
+                stop: threading.Event, signalled: threading.Event, can_census: bool) -> None:
+    """Refresh the snapshot every SNAPSHOT_S; drop processes whose exit was
+    missed; after inserts refused by full maps, once they stop, rebuild the
+    maps from a census."""
+    now = time.monotonic()
+    next_sweep = now + SWEEP_S
+    next_resync = now + RESYNC_MIN_S
+    synced_full = prev_full = 0
+    while not (stop.wait(SNAPSHOT_S) or signalled.is_set()):
+        now = time.monotonic()
+        selection.forget(kstate.refresh(session, now))
+        if now >= next_sweep:
+            # Read after the dump: a pid the dump has and /proc lacks exited.
+            running = set(_running_pids())
+            missed = [pid for pid in kstate.alive if pid not in running]
+            session.forget_processes(missed)
+            selection.forget(missed)
+            next_sweep = now + SWEEP_S
+            _return_freed_memory()
+        full = kstate.map_full_total
+        if can_census and full > synced_full and full == prev_full and now >= next_resync:
+            session.clear_state()
+            session.state_census()
+            kstate.resyncs += 1
+            synced_full = full
+            next_resync = time.monotonic() + RESYNC_MIN_S
+        prev_full = full

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from tests.kernel.cli_run import start
 from tests.conftest import build_workload
 from tests.kernel.stack import ROOT
@@ -22,9 +20,6 @@ SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
 
 
 def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
-    if backend in ("fentry", "kprobe") or (backend == "auto" and os.environ.get("ANONTRACE_GUEST")):
-        pytest.skip("ad-hoc reports come from the state maps with the tracepoint backend only "
-                    "so far (TraceOptions.state_backends); fentry and kprobe still stream events")
     loop = build_workload("forkloop", ROOT / "bench" / "workloads")
     run = start(["--", str(loop), str(SECONDS), str(REGIONS)], backend, interval=1.0)
     run.read_until(lambda r: any(m.get("event") == "ready" for m in r.workload))

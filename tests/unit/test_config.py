@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tracer.bpf_source import MapSizes
 from tracer.config import (
     BACKENDS,
     DEFAULT_PORT,
@@ -58,10 +59,21 @@ def test_example_config_is_the_defaults() -> None:
 def test_example_config_sets_every_key_but_selection() -> None:
     text = EXAMPLE.read_text()
     top = {ln.split(":")[0] for ln in text.splitlines() if ln and ln[0].isalpha()}
-    assert top == {"listen", "backend", "top_k", "exited_expiry", "growth"}
+    assert top == {"listen", "backend", "top_k", "exited_expiry", "growth", "maps"}
     for key in ("window", "for", "min_depth_increase", "min_family_anon_vmas_increase",
-                "min_orphaned_increase", "min_host_anon_vmas_increase"):
+                "min_orphaned_increase", "min_host_anon_vmas_increase",
+                "vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families"):
         assert f"\n  {key}: " in text, key
+    # the example spells out the defaults
+    assert parse_config(text, "example").maps == MapSizes()
+
+
+def test_map_sizes_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^cfg:3: maps.anon_vmas: expected at least 1024"):
+        parse_config("maps:\n  vmas: 4096\n  anon_vmas: 10\n", "cfg")
+    with pytest.raises(ConfigError, match=r"^cfg:2: maps.vma: unknown key"):
+        parse_config("maps:\n  vma: 4096\n", "cfg")
+    assert parse_config("maps:\n  mms: 2048\n", "cfg").maps.mms == 2048
 
 
 def test_example_selection_works_when_uncommented() -> None:
@@ -241,7 +253,7 @@ def test_parse_listen_rejects(value: str, fragment: str) -> None:
 
 # --- errors name the file, the line and the key ---------------------------------
 
-KNOWN_TOP = "backend, exited_expiry, growth, listen, selection, top_k"
+KNOWN_TOP = "backend, exited_expiry, growth, listen, maps, selection, top_k"
 
 ERRORS = [
     # (YAML, line, key path, part of the problem)
