@@ -65,7 +65,9 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
                while_alive: Callable[[FamilyRun, TraceSession], None] | None = None,
                settle: float = 1.5, timeout: float = 120.0,
                transport: str = "auto", object_events: bool = True,
-               facts: KernelFacts | None = None) -> FamilyRun:
+               facts: KernelFacts | None = None, state: bool = False,
+               recorder: Callable[[bytes], None] | None = None,
+               at_end: Callable[[FamilyRun, TraceSession], None] | None = None) -> FamilyRun:
     """Start forkchain paused, trace it (and not a bystander), let it build
     the chain, optionally inspect it alive, then let it exit and collect."""
     run = FamilyRun(backend, regions, generations)
@@ -77,8 +79,10 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
         start = _readline(proc, timeout)
         run.bystander_pid = _readline(bystander, timeout)["pid"]
         with TraceSession(TraceOptions(backend=backend, pids=(start["pid"],),
-                                       transport=transport, object_events=object_events),
+                                       transport=transport, object_events=object_events,
+                                       state=state),
                           facts=facts) as session:
+            session.recorder = recorder
             assert session.plan is not None
             run.probes = {p: (c.function, c.method) for p, c in session.plan.probes.items()}
             run.transport = session.transport
@@ -115,6 +119,8 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
                     quiet_since = time.monotonic()
             run.events.extend(session.drain())
             run.lost = session.lost()
+            if at_end is not None:
+                at_end(run, session)
     finally:
         for p in (proc, bystander):
             if p.poll() is None:
