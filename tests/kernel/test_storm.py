@@ -9,14 +9,22 @@ the state maps, lost exit events kept it waiting for ever).
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import time
 
-from tests.kernel.cli_run import start
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import build_workload
-from tests.kernel.stack import ROOT
+from tests.kernel.cli_run import start
+from tests.kernel.stack import ROOT, Serve
 
 REGIONS = 16
 SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
+STORM_SECONDS = 5
+GENERATIONS_BESIDE = 3
+SNAPSHOT_WAIT = 2.5   # serve reads its maps once a second
 
 
 def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
@@ -42,3 +50,89 @@ def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
     assert len(fork_counts) == 1 and min(fork_counts) >= REGIONS, fork_counts
     assert final["totals"]["anon_vmas"] == 0, final["totals"]
     assert final["totals"]["anon_vma_chains"] == 0, final["totals"]
+
+
+def _bpftool_keys(map_name: str) -> int:
+    """Entries of a loaded BPF map, counted by bpftool (the kernel's word)."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "name", map_name],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return len(json.loads(out.stdout))
+
+
+def _metric(text: str, name: str, **labels: str) -> list[float]:
+    return [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_storm_beside_a_family_under_serve_and_p(forkchain_bin, backend, tmp_path) -> None:
+    """A system-wide fork storm of STORM_SECONDS while a forkchain family of
+    known shape lives: under `serve` (system-wide) and `anontrace -p` (the
+    family's pids) the family's figures stay exact during and after the
+    storm, nothing is lost or partial, and the storm's exited processes
+    leave no state behind in serve's maps."""
+    loop = build_workload("forkloop", ROOT / "bench" / "workloads")
+    # Only the family gets per-process series: exact by construction,
+    # whatever else this host runs.
+    srv = Serve(tmp_path, f'backend: {backend}\ntop_k: 20\nexited_expiry: 1s\n'
+                'selection:\n  comm: "^forkchain$"\n')
+    family = subprocess.Popen([str(forkchain_bin), "3", str(GENERATIONS_BESIDE), "touch"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    adhoc = None
+    try:
+        family.stdin.write(b"g")
+        family.stdin.flush()
+        gens: dict[int, int] = {}
+        ready = False
+        while not ready or len(gens) < GENERATIONS_BESIDE + 1:
+            msg = json.loads(family.stdout.readline())
+            if msg["event"] == "gen":
+                gens[msg["gen"]] = msg["pid"]
+            ready = ready or msg["event"] == "ready"
+        pids = ",".join(str(p) for p in gens.values())
+        adhoc = start([*sum((["-p", str(p)] for p in gens.values()), []), "-i", "1"], backend,
+                      interval=1.0)
+        adhoc.read_until(lambda r: len(r.reports) >= 1)
+
+        def family_exact(text: str) -> None:
+            for g, pid in gens.items():
+                depth = _metric(text, "anontrace_process_max_depth", pid=str(pid))
+                assert depth == [g + 1], (g, pid, depth, pids)
+
+        time.sleep(SNAPSHOT_WAIT)
+        before = srv.metrics()
+        family_exact(before)
+        lost0 = _metric(before, "anontrace_lost_events_total")[0]
+        procs0 = _bpftool_keys("st_proc")
+        storm = subprocess.Popen([str(loop), str(STORM_SECONDS), "16"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE)
+        assert json.loads(storm.stdout.readline())["event"] == "ready"
+        storm.stdin.write(b"g")
+        storm.stdin.close()
+        while storm.poll() is None:
+            family_exact(srv.metrics())
+            time.sleep(0.5)
+        forks = json.loads(storm.stdout.read())["forks"]
+        assert forks > 100
+        time.sleep(SNAPSHOT_WAIT + 1)
+        after = srv.metrics()
+        family_exact(after)
+        assert _metric(after, "anontrace_lost_events_total")[0] == lost0
+        assert sum(_metric(after, "anontrace_map_full_total")) == 0
+        # The storm's children came and went: serve retired them all (a
+        # busy host may have started a few processes meanwhile).
+        procs1 = _bpftool_keys("st_proc")
+        assert procs1 < procs0 + max(50, forks // 20), (procs0, procs1, forks)
+        # -p: the family's reports were exact through the storm.
+        adhoc.read_until(lambda r: len(r.reports) >= 3)
+        for rep in adhoc.reports:
+            assert rep["lost_events"] == 0 and rep["partial"] is False, rep["partial_reasons"]
+            by_pid = {p["pid"]: p for p in rep["processes"]}
+            for g, pid in gens.items():
+                assert by_pid[pid]["max_depth"] == g + 1 and by_pid[pid]["max_chain"] == g + 1
+    finally:
+        family.stdin.close()
+        family.wait(timeout=60)
+        if adhoc is not None:
+            assert adhoc.finish(timeout=120) == 0, adhoc.stderr
+        assert srv.stop() == 0
