@@ -163,6 +163,9 @@ struct zeros {
     struct pstate proc;
 };
 BPF_ARRAY(st_zero, struct zeros, 1);
+// A process entry is built here, then inserted whole: user space never sees
+// a half-made one.
+BPF_PERCPU_ARRAY(st_new_proc, struct pstate, 1);
 BPF_PERCPU_ARRAY(st_depths, u64, MAX_DEPTH + 1);   // depth of each anon_vma as created
 BPF_ARRAY(st_serial, u32, 1);
 
@@ -219,20 +222,16 @@ static __always_inline struct pstate *proc_get(u32 tgid, u64 mm, int create, u32
         return p;
     int idx = 0;
     struct zeros *z = st_zero.lookup(&idx);
-    if (!z)
+    struct pstate *n = st_new_proc.lookup(&idx);
+    if (!z || !n)
         return 0;
-    if (st_proc.insert(&tgid, &z->proc)) {
-        if (!st_proc.lookup(&tgid))
-            gadd(G_FULL_PROC, 1);
-        return st_proc.lookup(&tgid);
-    }
-    p = st_proc.lookup(&tgid);
-    if (p) {
-        p->mm = mm;
-        p->flags = P_ALIVE | flags;
-        __builtin_memcpy(p->comm, comm, sizeof(p->comm));
-    }
-    return p;
+    bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
+    n->mm = mm;
+    n->flags = P_ALIVE | flags;
+    __builtin_memcpy(n->comm, comm, sizeof(n->comm));
+    if (st_proc.insert(&tgid, n) && !st_proc.lookup(&tgid))
+        gadd(G_FULL_PROC, 1);
+    return st_proc.lookup(&tgid);
 }
 
 static __always_inline void fam_add(u32 fam, u32 depth, int delta, int orphan)
@@ -482,7 +481,15 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
     if (!m)
         return;
     st_count(m, probe);
-    // An event in the process's own context tells whose mm it is.
+    // An event in the process's own context tells whose mm it is, and,
+    // from its main thread, the name it has now (prctl PR_SET_NAME since
+    // fork or exec).
+    if (e->cur_mm == mm && e->tgid && m->tgid == e->tgid && e->tid == e->tgid) {
+        struct pstate *p = st_proc.lookup(&e->tgid);
+        if (p && p->mm == mm && (*(u64 *)p->comm != *(u64 *)e->comm ||
+                                 *(u64 *)(p->comm + 8) != *(u64 *)(e->comm + 8)))
+            __builtin_memcpy(p->comm, e->comm, sizeof(p->comm));
+    }
     if (e->cur_mm == mm && e->tgid && m->tgid != e->tgid) {
         m->tgid = e->tgid;
         struct pstate *p = proc_get(e->tgid, mm, 1, census ? P_CENSUS | P_UNSEEN : P_UNSEEN,
@@ -1219,14 +1226,15 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
             gadd(G_ANOMALIES, 1);
         int idx = 0;
         struct zeros *z = st_zero.lookup(&idx);
-        if (z && st_proc.update(&ctgid, &z->proc))
-            gadd(G_FULL_PROC, 1);
-        struct pstate *n = st_proc.lookup(&ctgid);
-        if (n) {
+        struct pstate *n = st_new_proc.lookup(&idx);
+        if (z && n) {
+            bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
             n->mm = e->mm;
             n->ppid = ptgid;
             n->flags = P_ALIVE;
             bpf_probe_read_kernel(&n->comm, sizeof(n->comm), (void *)(child + OFF_TASK_COMM));
+            if (st_proc.update(&ctgid, n))
+                gadd(G_FULL_PROC, 1);
         }
         if (e->mm) {
             struct mmstate *m = mm_get(e->mm, 1);

@@ -99,6 +99,12 @@ class ProcRow:
     figures: ProcessFigures
 
     @property
+    def exited(self) -> bool:
+        """Its exit was seen (an entry without an exit time and not alive is
+        one a program is still filling in: neither alive nor gone yet)."""
+        return not self.alive and self.exit_ns != 0
+
+    @property
     def unseen(self) -> bool:
         """First seen mid-life and not covered by a census."""
         return bool(self.flags & P_UNSEEN) and not self.flags & P_CENSUS

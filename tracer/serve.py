@@ -304,7 +304,7 @@ class StateServe:
         """Read the maps, retire exited processes (deleted from the maps once
         noted) and build the next snapshot. Returns the exited pids."""
         state = KernelState.decode(session.read_state())
-        exited = [r for r in state.processes.values() if not r.alive]
+        exited = [r for r in state.processes.values() if r.exited]
         self.view.note_exited_rows(exited, now)
         snap = self.view.snapshot_state(state, now)
         gone = [r.pid for r in exited]

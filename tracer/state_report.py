@@ -73,13 +73,15 @@ class StateReporter:
         for pid, d in self._declared.items():
             # Declared but not in the state yet (no event, no census).
             if pid not in rows_now and pid not in self._retired:
+                alive = not proc_gone(pid, self._proc)
                 rows_now[pid] = ProcRow(pid, int(d.get("ppid", 0)), str(d.get("comm", "")),
-                                        not proc_gone(pid, self._proc),
-                                        P_UNSEEN if d.get("preexisting") else 0, 0, 0,
-                                        _NO_FIGURES)
+                                        alive, P_UNSEEN if d.get("preexisting") else 0, 0,
+                                        0 if alive else 1, _NO_FIGURES)
         for row in rows_now.values():
-            if not row.alive:
+            if row.exited:
                 gone.append(row)
+            elif not row.alive:
+                continue    # being filled in by a program right now
             elif not proc_gone(row.pid, self._proc):
                 live.append(row)
                 self._suspects.discard(row.pid)
