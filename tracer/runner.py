@@ -5,6 +5,7 @@ makes the same reports as the run that recorded it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -87,10 +88,22 @@ def _start_paused(command: tuple[str, ...]) -> tuple[subprocess.Popen[bytes], in
     """
     if shutil.which(command[0]) is None:
         raise AnontraceError(f"command not found: {command[0]}")
-    r, w = os.pipe()
-    proc = subprocess.Popen(["/bin/sh", "-c", 'read -r _ <&3 || exit 125; exec 3<&-; exec "$@"', "sh",
-                             *command], pass_fds=(r,))
-    os.close(r)
+    pipe_r, w = os.pipe()
+    # The pipe keeps its number in the child (pass_fds), and a POSIX shell
+    # redirects single-digit descriptors only: use the lowest free one from
+    # 3 (not always 3: anontrace may be started with more open).
+    r = fcntl.fcntl(pipe_r, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(pipe_r)
+    if r > 9:
+        os.close(r)
+        os.close(w)
+        raise AnontraceError("descriptors 3 to 9 are all open: close some before "
+                             "anontrace -- COMMAND")
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", f'read -r _ <&{r} || exit 125; exec {r}<&-; '
+                                 'exec "$@"', "sh", *command], pass_fds=(r,))
+    finally:
+        os.close(r)
     return proc, w
 
 
