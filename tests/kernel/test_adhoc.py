@@ -203,15 +203,11 @@ def test_census_of_running_processes(forkchain_bin, backend) -> None:
 def test_command_starts_with_extra_descriptors_open(backend) -> None:
     """The paused start does not assume its pipe is descriptor 3 (a shell
     script or a service manager may hand anontrace more open descriptors)."""
-    extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
-    try:
-        out = subprocess.run([sys.executable, "-m", "tracer.cli", "--json", "--backend", backend,
-                              "--", "/bin/true"], capture_output=True, text=True, timeout=300,
-                             pass_fds=extra, cwd=os.path.dirname(os.path.dirname(
-                                 os.path.dirname(os.path.abspath(__file__)))))
-    finally:
-        for fd in extra:
-            os.close(fd)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ('exec 3</dev/null 4</dev/null 5</dev/null; exec "$0" -m tracer.cli --json '
+              f'--backend {backend} -- /bin/true')
+    out = subprocess.run(["/bin/sh", "-c", script, sys.executable], capture_output=True,
+                         text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
     final = json.loads(out.stdout.splitlines()[-1])
     assert final["final"] and [p for p in final["processes"] if p["comm"] == "true"], final
