@@ -486,16 +486,6 @@ class TraceSession:
             except KeyError:
                 pass
 
-    def forget_mms(self, mms: list[int]) -> None:
-        """Delete address spaces that no process owns and that hold no VMA
-        (kernels without the exit_mmap tracepoint leave them)."""
-        table = self._table("st_mm")
-        for mm in mms:
-            try:
-                del table[ctypes.c_uint64(mm)]
-            except KeyError:
-                pass
-
     def clear_state(self) -> None:
         """Empty every state map but the counters (before a resync census)."""
         for name in ("st_vma", "st_av", "st_mmav", "st_mm", "st_proc", "st_fam"):
