@@ -54,12 +54,28 @@ def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
     assert final["totals"]["anon_vma_chains"] == 0, final["totals"]
 
 
-def _bpftool_keys(map_name: str) -> int:
-    """Entries of a loaded BPF map, counted by bpftool (the kernel's word)."""
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "name", map_name],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return len(json.loads(out.stdout))
+def _bpftool_keys(pid: int, map_name: str) -> int:
+    """Entries of the map ``map_name`` that process ``pid`` holds open,
+    counted by bpftool (the kernel's word; another anontrace on this host
+    has maps of the same name)."""
+    ids = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = open(f"/proc/{pid}/fdinfo/{fd}").read()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("map_id:"):
+                ids.append(int(line.split()[1]))
+    for map_id in ids:
+        show = subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)],
+                              capture_output=True, text=True, timeout=60)
+        if show.returncode == 0 and json.loads(show.stdout).get("name") == map_name:
+            out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return len(json.loads(out.stdout))
+    raise AssertionError(f"process {pid} holds no map {map_name}")
 
 
 def _metric(text: str, name: str, **labels: str) -> list[float]:
@@ -108,7 +124,7 @@ def test_storm_beside_a_family_under_serve_and_p(forkchain_bin, backend, tmp_pat
         before = srv.metrics()
         family_exact(before)
         lost0 = _metric(before, "anontrace_lost_events_total")[0]
-        procs0 = _bpftool_keys("st_proc")
+        procs0 = _bpftool_keys(srv.proc.pid, "st_proc")
         storm = subprocess.Popen([str(loop), str(STORM_SECONDS), "16"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)
         assert json.loads(storm.stdout.readline())["event"] == "ready"
@@ -126,7 +142,7 @@ def test_storm_beside_a_family_under_serve_and_p(forkchain_bin, backend, tmp_pat
         assert sum(_metric(after, "anontrace_map_full_total")) == 0
         # The storm's children came and went: serve retired them all (a
         # busy host may have started a few processes meanwhile).
-        procs1 = _bpftool_keys("st_proc")
+        procs1 = _bpftool_keys(srv.proc.pid, "st_proc")
         assert procs1 < procs0 + max(50, forks // 20), (procs0, procs1, forks)
         # -p: the family's reports were exact through the storm.
         adhoc.read_until(lambda r: len(r.reports) >= 3)
