@@ -527,10 +527,13 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
     vma_account(mm, av, e->chain_len, 1);
 }
 
-// unlink_anon_vmas: the VMA's chain is torn down. Applied (and counted for
-// the VMA's mm) whoever runs it, when the VMA is tracked: a VMA the state
-// does not hold has nothing to undo, and its mm no traced process.
-static __always_inline void st_unlink_vma(u64 vma)
+// unlink_anon_vmas: the VMA's chain is torn down. Applied whoever runs it,
+// when the VMA is tracked (a VMA the state does not hold has nothing to
+// undo). ``count``: count the unlink for the VMA's mm here (the tracepoint
+// backend, which cannot tell an untracked VMA's unlink apart; fentry and
+// kprobe count every traced unlink of a VMA with an anon_vma, as the model
+// does).
+static __always_inline void st_unlink_vma(u64 vma, int count)
 {
     struct vstate *v = st_vma.lookup(&vma);
     if (!v)
@@ -538,7 +541,8 @@ static __always_inline void st_unlink_vma(u64 vma)
     u64 omm = v->mm, oav = v->av;
     u32 ochain = v->chain;
     st_vma.delete(&vma);
-    st_count(st_mm.lookup(&omm), 2);
+    if (count)
+        st_count(st_mm.lookup(&omm), 2);
     vma_account(omm, oav, ochain, -1);
 }
 
@@ -599,7 +603,7 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
     // A teardown undoes state whoever runs it (an untraced task may free
     // what a traced one built).
     if (kind == K_UNLINK_ANON_VMAS)
-        st_unlink_vma(vma);
+        st_unlink_vma(vma, 0);
 #endif
     if (!wanted())
         return;
@@ -619,6 +623,8 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
 #ifdef WITH_STATE
     if (kind != K_UNLINK_ANON_VMAS)
         st_apply_vma(e, kind - K_ANON_VMA_FORK, 0);
+    else
+        st_count(st_mm.lookup(&e->mm), K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
 #endif
     submit(ctx, e);
 }
@@ -1092,7 +1098,7 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
         u64 anon_vma;
         struct event *e = new_event(K_AVC_FREE);
         if (e)
-            st_unlink_vma(read_avc(e, ptr, &anon_vma));
+            st_unlink_vma(read_avc(e, ptr, &anon_vma), 1);
     }
 #endif
     if (!traced)
