@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_workload
 from tests.kernel.cli_run import start
-from tests.kernel.stack import ROOT, Serve
+from tests.kernel.stack import ROOT, Serve, skip_guest_auto_pass
 
 REGIONS = 16
 SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
@@ -30,6 +30,7 @@ SNAPSHOT_WAIT = 2.5   # serve reads its maps once a second
 
 
 def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
+    skip_guest_auto_pass(backend)
     loop = build_workload("forkloop", ROOT / "bench" / "workloads")
     run = start(["--", str(loop), str(SECONDS), str(REGIONS)], backend, interval=1.0)
     run.read_until(lambda r: any(m.get("event") == "ready" for m in r.workload))
