@@ -128,6 +128,8 @@ struct mmstate {           // per address space
 #define P_ALIVE 1
 #define P_UNSEEN 2         // first seen mid-life (not forked while tracing)
 #define P_CENSUS 4         // seeded by the census
+#define P_EXITING 8        // its exit teardown began before its exit event:
+                           // ``exit`` holds its figures from just before
 
 struct pstate {            // per process (tgid)
     u64 mm;
@@ -527,6 +529,28 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
     vma_account(mm, av, e->chain_len, 1);
 }
 
+// Before v6.16 do_exit() ran exit_mm() (which clears current->mm, then tears
+// the mm down) before trace_sched_process_exit(); v6.16 moved the tracepoint
+// ahead of exit_mm() (LKML "exit: move trace_sched_process_exit earlier in
+// do_exit()", 2025). On the older kernels the first unlink of a process's own
+// teardown takes its exit figures, so that a report made before its exit
+// event does not show it alive with a half-emptied mm, and its figures at
+// exit mean "before its teardown" on every kernel (README "Definitions").
+static __always_inline void st_exit_begins(u64 mm)
+{
+    if (rd64((u64)bpf_get_current_task() + OFF_TASK_MM))
+        return;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct pstate *p = st_proc.lookup(&tgid);
+    if (!p || p->mm != mm || (p->flags & (P_ALIVE | P_EXITING)) != P_ALIVE)
+        return;
+    struct mmstate *m = st_mm.lookup(&mm);
+    if (!m)
+        return;
+    bpf_probe_read_kernel(&p->exit, sizeof(p->exit), m);
+    p->flags |= P_EXITING;
+}
+
 // unlink_anon_vmas: the VMA's chain is torn down. Applied whoever runs it,
 // when the VMA is tracked (a VMA the state does not hold has nothing to
 // undo). ``count``: count the unlink for the VMA's mm here (the tracepoint
@@ -540,6 +564,7 @@ static __always_inline void st_unlink_vma(u64 vma, int count)
         return;
     u64 omm = v->mm, oav = v->av;
     u32 ochain = v->chain;
+    st_exit_begins(omm);
     st_vma.delete(&vma);
     if (count)
         st_count(st_mm.lookup(&omm), 2);
@@ -555,8 +580,9 @@ static __always_inline void st_mm_gone(u64 mm)
         return;
     u32 tgid = m->tgid;
     struct pstate *p = tgid ? st_proc.lookup(&tgid) : 0;
-    // An exited owner's figures (events included) were taken at its exit.
-    if (p && p->mm == mm && (p->flags & P_ALIVE)) {
+    // An exited (or exiting) owner's figures, events included, were taken
+    // at its exit.
+    if (p && p->mm == mm && (p->flags & (P_ALIVE | P_EXITING)) == P_ALIVE) {
         for (int i = 0; i < 4; i++)
             p->ev_prev[i] += m->events[i];
         p->mm = 0;
@@ -623,8 +649,12 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
 #ifdef WITH_STATE
     if (kind != K_UNLINK_ANON_VMAS)
         st_apply_vma(e, kind - K_ANON_VMA_FORK, 0);
-    else
+    else {
+        // The model takes exit figures at any unlink of the teardown, before
+        // counting it; so do the maps (a no-op once taken).
+        st_exit_begins(e->mm);
         st_count(st_mm.lookup(&e->mm), K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
+    }
 #endif
     submit(ctx, e);
 }
@@ -1304,11 +1334,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     int idx = 0;
     struct zeros *z = st_zero.lookup(&idx);
     if (p && z && (p->flags & P_ALIVE)) {
-        // Figures as of the exit event: since v6.16 before the mm teardown,
-        // before it after it (README "Definitions").
+        // Figures as of the exit event, which since v6.16 precedes the mm
+        // teardown (before it, st_exit_begins took them).
         u64 mm = p->mm;
         struct mmstate *m = mm ? st_mm.lookup(&mm) : 0;
-        if (m)
+        if (p->flags & P_EXITING)
+            ;   // taken when its teardown began (st_exit_begins)
+        else if (m)
             bpf_probe_read_kernel(&p->exit, sizeof(p->exit), m);
         else
             bpf_probe_read_kernel(&p->exit, sizeof(p->exit), &z->mm);

@@ -29,7 +29,7 @@ MMSTATE = struct.Struct("<" + MMSTATE_FMT)
 PSTATE = struct.Struct("<QQII4I16s" + MMSTATE_FMT)
 FAMSTATE = struct.Struct(f"<4I{NB}I")
 
-P_ALIVE, P_UNSEEN, P_CENSUS = 1, 2, 4
+P_ALIVE, P_UNSEEN, P_CENSUS, P_EXITING = 1, 2, 4, 8
 
 # st_global indexes (C: G_*)
 G_AVS, G_CHAINS, G_ORPHANS, G_EVENTS, G_ANOMALIES, G_FULL = 0, 1, 2, 3, 7, 8
@@ -128,10 +128,11 @@ def decode_proc(pid: int, raw: bytes, mms: dict[int, MmRow]) -> ProcRow:
     ev_prev = f[4:8]
     comm = _comm(f[8])
     alive = bool(flags & P_ALIVE)
-    if alive:
+    if alive and not flags & P_EXITING:
         figures = _figures(ev_prev, mms.get(mm) if mm else None)
     else:
-        # The snapshot of its mm at exit (all zero: no mm left by then).
+        # The snapshot of its mm at exit, or, for a process whose teardown
+        # began before its exit event (kernels before v6.16), at that start.
         figures = _figures(ev_prev, MmRow.from_fields(mm, f[9:]))
     return ProcRow(pid, ppid, comm, alive, flags, mm, exit_ns, figures)
 

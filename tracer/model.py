@@ -104,6 +104,7 @@ class Process:
     preexisting: bool = False   # running before tracing began: its state is partial
     exited_ts: int = 0
     at_exit: "ProcessFigures | None" = None  # figures when its exit was seen
+    exiting: bool = False       # its mm teardown at exit began (at_exit taken then)
 
 
 @dataclass(frozen=True)
@@ -567,6 +568,14 @@ class Model:
         key = ev.vma
         if ev.mm:
             mm = self._mm(ev.mm)
+            if not ev.cur_mm and ev.tgid:
+                # exit_mm() cleared current->mm and tears the process's own
+                # mm down; before v6.16 the exit event comes only after
+                # that. Its figures are taken now, as of its exit.
+                proc = self.processes.get(ev.tgid)
+                if proc is not None and proc.alive and not proc.exiting and proc.mm is mm:
+                    proc.at_exit = self.figures(proc)
+                    proc.exiting = True
             mm.events[PROBE_INDEX[Kind.UNLINK_ANON_VMAS]] += 1
             if self._forget_vma(mm.vmas, key) and not mm.vmas:
                 self._forget_mm_if_orphan(mm)
@@ -660,7 +669,7 @@ class Model:
     def figures(self, proc: Process) -> ProcessFigures:
         """The README's per-process figures, from the process's current mm
         (for an exited process, as they were when its exit was seen)."""
-        if not proc.alive and proc.at_exit is not None:
+        if proc.at_exit is not None and (proc.exiting or not proc.alive):
             return proc.at_exit
         ids: set[int] = set()
         chains = max_chain = 0

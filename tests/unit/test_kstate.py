@@ -64,6 +64,13 @@ def test_global_indexes_match_the_c_source() -> None:
     assert int(defs["G_NR"]) == kstate.G_NR == kstate.G_FULL + len(kstate.MAP_NAMES)
 
 
+def test_process_flags_match_the_c_source() -> None:
+    defs = dict(re.findall(r"#define (P_\w+) (\d+)", MAIN_PROGRAM.read_text()))
+    assert {k: int(v) for k, v in defs.items()} == {
+        "P_ALIVE": kstate.P_ALIVE, "P_UNSEEN": kstate.P_UNSEEN,
+        "P_CENSUS": kstate.P_CENSUS, "P_EXITING": kstate.P_EXITING}
+
+
 def test_hist_max() -> None:
     h = [0] * NB
     assert hist_max(h, 0) == 0
@@ -105,6 +112,22 @@ def test_decode_live_and_exited_processes() -> None:
     q = st.processes[101]
     assert not q.alive and q.comm == "gone"
     assert (q.figures.anon_vmas, q.figures.max_depth, q.figures.max_chain) == (13, 3, 3)
+
+
+def test_exiting_process_reports_its_copy_not_its_shrinking_mm() -> None:
+    """Before v6.16 the teardown precedes the exit event: an alive process
+    flagged exiting reports the copy taken when its teardown began."""
+    held = _mm_raw(100, 13, 13, 39, (13, 13, 0, 0), {3: 1, 2: 1, 1: 11}, {3: 13}, {0: 13})
+    shrinking = _mm_raw(100, 2, 2, 6, (13, 13, 5, 0), {3: 1, 2: 1}, {3: 2}, {0: 2})
+    p = kstate.PSTATE.pack(0xAA, 0, 99, kstate.P_ALIVE | kstate.P_EXITING, 0, 0, 0, 0, b"x",
+                           *kstate.MMSTATE.unpack(held))
+    st = KernelState.decode(StateDump(mms={0xAA: shrinking}, procs={100: p}, families={},
+                                      global_sums=[0] * kstate.G_NR, depths=[]))
+    row = st.processes[100]
+    assert row.alive and not row.exited
+    f = row.figures
+    assert (f.anon_vmas, f.anon_vma_chains, f.max_depth) == (13, 39, 3)
+    assert f.events["unlink_anon_vmas"] == 0
 
 
 def test_partial_reasons_name_full_maps() -> None:

@@ -14,7 +14,7 @@ from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind, Site
 from tracer.model import AnonVmaInfo, Model, Process, VmaInfo
 from tracer.report import build_report
 
-PRE_V616 = {"6.1", "6.12"}  # sched_process_exit after exit_mm(): mm gone at the exit event
+PRE_V616 = {"6.1", "6.12"}  # sched_process_exit after exit_mm(): teardown before the exit event
 
 
 # --- the recorded family ------------------------------------------------------
@@ -206,22 +206,41 @@ def test_exits_free_everything(family: Family) -> None:
 
 
 def test_figures_at_exit(family: Family) -> None:
-    """Since v6.16 the exit event precedes exit_mm(): the figures at exit are
-    the live ones. Before, the mm is already torn down at the exit event."""
+    """Figures at exit are those from just before the process's own mm
+    teardown, on every kernel: since v6.16 the exit event comes first; before,
+    exit_mm() tears the mm down first, and the figures are taken at the first
+    unlink of that teardown (current->mm already NULL)."""
     m = family.model
     m.apply_all(family.events)
     by_pid = {p.pid: p for p in m.retired}
     for g in range(family.G + 1):
-        f = m.figures(by_pid[family.pids[g]])
-        if family.series in PRE_V616:
-            assert (f.anon_vmas, f.anon_vma_chains, f.max_depth) == (0, 0, 0), g
-        else:
-            assert f.max_depth == g + 1 and f.max_chain == g + 1, g
-            assert f.max_degree == 0, g   # the child exited first
-        if family.series in PRE_V616:
-            assert f.events["unlink_anon_vmas"] > 0, g    # torn down before the exit event
-        else:
-            assert f.events["unlink_anon_vmas"] == 0, g   # the exit event came first
+        p = by_pid[family.pids[g]]
+        f = m.figures(p)
+        assert f.max_depth == g + 1 and f.max_chain == g + 1, g
+        assert f.max_degree == 0, g   # the child exited first
+        assert f.events["unlink_anon_vmas"] == 0, g   # its own teardown is not counted
+        assert p.exiting == (family.series in PRE_V616), g
+
+
+@pytest.mark.parametrize("series,backend", [p for p in FAMILY_STREAMS if p[0] in PRE_V616])
+def test_report_during_teardown_shows_figures_at_exit(series: str, backend: str) -> None:
+    """A report made between the start of a process's own teardown and its
+    exit event (kernels before v6.16; since then there is no such window)
+    shows it alive with its figures from before the teardown, never a
+    half-emptied mm."""
+    family = Family(series, backend)
+    m = family.model
+    pid = family.pids[0]
+    seen = 0
+    for e in family.events:
+        m.apply(e)
+        proc = m.processes.get(pid)
+        if proc is not None and proc.alive and proc.exiting:
+            f = m.figures(proc)
+            assert (f.max_depth, f.max_chain) == (1, 1)
+            assert f.anon_vmas > 0 and f.anon_vma_chains > 0
+            seen += 1
+    assert seen > 0     # the stream has events inside the window
 
 
 @pytest.mark.parametrize("series,backend", FAMILY_STREAMS)
@@ -524,7 +543,7 @@ def test_unlink_forgets_the_vma_and_av_alloc_then_facts() -> None:
     now = m.anon_vmas[AV_1]
     assert now.serial == av.serial and now.depth == 1 and now.active == 1   # the same one
     assert now.mm == MM_A and now.root == AV_1 and now.parent is None
-    m.apply(ev(Kind.UNLINK_ANON_VMAS, tgid=100, mm=MM_A, vma=VMA_1))
+    m.apply(ev(Kind.UNLINK_ANON_VMAS, tgid=100, mm=MM_A, cur_mm=MM_A, vma=VMA_1))   # munmap
     assert VMA_1 not in m.vmas and m.anon_vmas[AV_1].active == 0
     assert m.anon_vmas[AV_1].serial == av.serial
     assert m.figures(m.processes[100]).events["unlink_anon_vmas"] == 1
