@@ -216,23 +216,34 @@ static __always_inline struct mmstate *mm_get(u64 mm, int create)
     return st_mm.lookup(&mm);
 }
 
+// Build a process entry in per-CPU memory, then put it in whole (user space
+// never sees a half-made one). ``comm`` may be a kernel address (a child's
+// task) or BPF memory. ``replace``: over an existing entry (pid reuse).
+static __always_inline void proc_put(u32 tgid, u64 mm, u32 ppid, u32 flags, const void *comm,
+                                     int replace)
+{
+    int idx = 0;
+    struct zeros *z = st_zero.lookup(&idx);
+    struct pstate *n = st_new_proc.lookup(&idx);
+    if (!z || !n)
+        return;
+    bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
+    n->mm = mm;
+    n->ppid = ppid;
+    n->flags = P_ALIVE | flags;
+    bpf_probe_read_kernel(&n->comm, sizeof(n->comm), comm);
+    int err = replace ? st_proc.update(&tgid, n) : st_proc.insert(&tgid, n);
+    if (err && (replace || !st_proc.lookup(&tgid)))
+        gadd(G_FULL_PROC, 1);
+}
+
 static __always_inline struct pstate *proc_get(u32 tgid, u64 mm, int create, u32 flags,
                                                const char *comm)
 {
     struct pstate *p = st_proc.lookup(&tgid);
     if (p || !create)
         return p;
-    int idx = 0;
-    struct zeros *z = st_zero.lookup(&idx);
-    struct pstate *n = st_new_proc.lookup(&idx);
-    if (!z || !n)
-        return 0;
-    bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
-    n->mm = mm;
-    n->flags = P_ALIVE | flags;
-    __builtin_memcpy(n->comm, comm, sizeof(n->comm));
-    if (st_proc.insert(&tgid, n) && !st_proc.lookup(&tgid))
-        gadd(G_FULL_PROC, 1);
+    proc_put(tgid, mm, 0, flags, comm, 0);
     return st_proc.lookup(&tgid);
 }
 
@@ -1125,10 +1136,12 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
     if (site == S_UNLINK) {
         // unlink_anon_vmas frees the VMA's entries one by one: the first
         // free of a tracked VMA ends it (and counts the unlink).
+        // Only the entry's VMA is needed: the scratch's span, no event.
         u64 anon_vma;
-        struct event *e = new_event(K_AVC_FREE);
-        if (e)
-            st_unlink_vma(read_avc(e, ptr, &anon_vma), 1);
+        int zero = 0;
+        struct work *w = scratch.lookup(&zero);
+        if (w)
+            st_unlink_vma(read_avc(&w->e, ptr, &anon_vma), 1);
     }
 #endif
     if (!traced)
@@ -1260,18 +1273,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
         struct pstate *old = st_proc.lookup(&ctgid);
         if (old && !(old->flags & P_ALIVE))
             gadd(G_ANOMALIES, 1);
-        int idx = 0;
-        struct zeros *z = st_zero.lookup(&idx);
-        struct pstate *n = st_new_proc.lookup(&idx);
-        if (z && n) {
-            bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
-            n->mm = e->mm;
-            n->ppid = ptgid;
-            n->flags = P_ALIVE;
-            bpf_probe_read_kernel(&n->comm, sizeof(n->comm), (void *)(child + OFF_TASK_COMM));
-            if (st_proc.update(&ctgid, n))
-                gadd(G_FULL_PROC, 1);
-        }
+        proc_put(ctgid, e->mm, ptgid, 0, (void *)(child + OFF_TASK_COMM), 1);
         if (e->mm) {
             struct mmstate *m = mm_get(e->mm, 1);
             if (m)
@@ -1398,29 +1400,15 @@ BPF_ITER(task_vma)
 {
     u64 task = (u64)ctx->task;
     u64 vma = (u64)ctx->vma;
-    if (!task || !vma)
-        return 0;
-    u32 tgid = rd(task + OFF_TASK_TGID, 4);
-    // Threads share the leader's mm: visit each mm once.
-    if (rd(task + OFF_TASK_PID, 4) != tgid)
-        return 0;
-    if (!wanted_tgid(tgid))
-        return 0;
-    if (!rd64(vma + OFF_VMA_ANON_VMA))
+    u32 tgid = census_tgid(task, vma);
+    if (!tgid || !wanted_tgid(tgid))
         return 0;
     int zero = 0;
     struct work *w = scratch.lookup(&zero);
     if (!w)
         return 0;
-    struct event *e = &w->e;
-    __builtin_memset(e, 0, sizeof(*e));
-    e->kind = K_CENSUS_VMA;
-    e->tgid = tgid;
-    e->tid = tgid;
-    bpf_probe_read_kernel(&e->comm, sizeof(e->comm), (void *)(task + OFF_TASK_COMM));
-    fill_vma(e, vma);
-    e->cur_mm = e->mm;   // read in the process's own mm: it owns it
-    st_apply_vma(e, NO_PROBE, 1);
+    census_fill(&w->e, tgid, task, vma);
+    st_apply_vma(&w->e, NO_PROBE, 1);
     return 0;
 }
 #endif

@@ -204,4 +204,33 @@ struct bpf_iter__task_vma {
     union { struct vm_area_struct *vma; };
 };
 
+// The census (task_vma iterator, v5.12): the process whose VMA ``vma`` is,
+// or 0 when there is nothing to read: a thread's visit (threads share their
+// leader's mm, so each mm is visited once) or a VMA without an anon_vma.
+static __always_inline u32 census_tgid(u64 task, u64 vma)
+{
+    if (!task || !vma)
+        return 0;
+    u32 tgid = rd(task + OFF_TASK_TGID, 4);
+    if (rd(task + OFF_TASK_PID, 4) != tgid)
+        return 0;
+    if (!rd64(vma + OFF_VMA_ANON_VMA))
+        return 0;
+    return tgid;
+}
+
+// A census record of ``vma`` for process ``tgid``, read in its own mm (so
+// the process owns it).
+static __always_inline void census_fill(struct event *e, u32 tgid, u64 task, u64 vma)
+{
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts = bpf_ktime_get_ns();
+    e->kind = K_CENSUS_VMA;
+    e->tgid = tgid;
+    e->tid = tgid;
+    bpf_probe_read_kernel(&e->comm, sizeof(e->comm), (void *)(task + OFF_TASK_COMM));
+    fill_vma(e, vma);
+    e->cur_mm = e->mm;
+}
+
 #endif /* ANONTRACE_COMMON_H */
