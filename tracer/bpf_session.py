@@ -24,7 +24,7 @@ from tracer.errors import AnontraceError
 from tracer.events import (LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records,
                            lost_total)
 from tracer.headers import Headers, HeadersError, find_headers
-from tracer.kstate import G_NR, StateDump
+from tracer.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
 from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
                                slab_object_size, tracepoint_fields, tracepoint_format)
 from tracer.layout import KernelLayout, read_layout
@@ -468,8 +468,24 @@ class TraceSession:
         """Dump the state maps (batch lookups): what every report and scrape
         reads. ``families`` False skips the family map (a scrape between two
         refreshes)."""
-        procs = _dump_hash(self._table("st_proc"), 4)
-        mms = _dump_hash(self._table("st_mm"), 8)
+        ptab, mtab = self._table("st_proc"), self._table("st_mm")
+        # mms before processes (tracer.kstate.torn_reads says why).
+        mms = _dump_hash(mtab, 8)
+        procs = _dump_hash(ptab, 4)
+        for _ in range(3):
+            torn = torn_reads(procs, mms)
+            if not torn:
+                break
+            for pid in torn:
+                mm = PSTATE_HEAD.unpack_from(procs[pid])[0]
+                mraw = _lookup(mtab, ctypes.c_uint64(mm))
+                if mraw is not None:
+                    mms[mm] = mraw
+                raw = _lookup(ptab, ctypes.c_uint32(pid))
+                if raw is None:
+                    del procs[pid]
+                else:
+                    procs[pid] = raw
         fams = _dump_hash(self._table("st_fam"), 4) if families else {}
         g = self._table("st_global")
         sums = [int(sum(g[ctypes.c_int(i)])) for i in range(G_NR)]
@@ -709,6 +725,15 @@ def _dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
             return out      # ENOENT: that was the last chunk
         token = out_token
         first = False
+
+
+def _lookup(table: Any, key: Any) -> bytes | None:
+    """One entry's raw value, or None if it is gone."""
+    try:
+        leaf = table[key]
+    except KeyError:
+        return None
+    return ctypes.string_at(ctypes.addressof(leaf), ctypes.sizeof(leaf))
 
 
 def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:

@@ -28,6 +28,7 @@ MMSTATE_FMT = f"4I4I3II{NB}I{NB}I{NB}I"
 MMSTATE = struct.Struct("<" + MMSTATE_FMT)
 PSTATE = struct.Struct("<QQII4I16s" + MMSTATE_FMT)
 FAMSTATE = struct.Struct(f"<4I{NB}I")
+PSTATE_HEAD = struct.Struct("<QQII")   # mm, exit_ns, ppid, flags
 
 P_ALIVE, P_UNSEEN, P_CENSUS, P_EXITING = 1, 2, 4, 8
 
@@ -135,6 +136,23 @@ def decode_proc(pid: int, raw: bytes, mms: dict[int, MmRow]) -> ProcRow:
         # began before its exit event (kernels before v6.16), at that start.
         figures = _figures(ev_prev, MmRow.from_fields(mm, f[9:]))
     return ProcRow(pid, ppid, comm, alive, flags, mm, exit_ns, figures)
+
+
+def torn_reads(procs: dict[int, bytes], mms: dict[int, bytes]) -> list[int]:
+    """Processes listed alive in an mm the mm dump does not hold.
+
+    The maps are dumped one after the other, not as one snapshot: the mms
+    first, then the processes, so that a process still alive (and not
+    exiting) in the later dump had its mm intact in the earlier one (its
+    exit figures are copied before its teardown begins). A process created
+    or exec'd in between has an mm the mm dump missed: read that mm, then
+    the process again (it may have exited meanwhile)."""
+    out = []
+    for pid, raw in procs.items():
+        mm, _, _, flags = PSTATE_HEAD.unpack_from(raw)
+        if mm and flags & P_ALIVE and not flags & P_EXITING and mm not in mms:
+            out.append(pid)
+    return out
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,18 @@ def test_partial_reasons_name_full_maps() -> None:
 def test_module_is_pure() -> None:
     src = Path(kstate.__file__).read_text()
     assert "import bcc" not in src and "from bcc" not in src
+
+
+def test_torn_reads_finds_alive_processes_whose_mm_the_dump_missed() -> None:
+    zero_mm = struct.unpack(kstate.MMSTATE.format, bytes(kstate.MMSTATE.size))
+
+    def proc(mm: int, flags: int) -> bytes:
+        return kstate.PSTATE.pack(mm, 0, 1, flags, 0, 0, 0, 0, b"p", *zero_mm)
+
+    mms = {0xA: b""}
+    procs = {1: proc(0xA, kstate.P_ALIVE),                        # its mm is in the dump
+             2: proc(0xB, kstate.P_ALIVE),                        # forked/exec'd after it
+             3: proc(0xC, kstate.P_ALIVE | kstate.P_EXITING),     # reports its exit copy
+             4: proc(0xD, 0),                                     # exited
+             5: proc(0, kstate.P_ALIVE)}                          # no mm known
+    assert kstate.torn_reads(procs, mms) == [2]
