@@ -11,7 +11,9 @@ like the real tool:
 
 * ``untraced``: no session;
 * ``system``:   a system-wide session (no pid filter);
-* ``pid``:      a session filtered to the workload's pid (children followed).
+* ``pid``:      a session filtered to the workload's pid (children followed);
+* ``state``:    a system-wide session keeping the state maps only (what
+                ``serve`` and the ad-hoc reports load), read once a second.
 
 Subprocess variants start a tracer exactly as a user would, as its own
 process, and stop it the way a user would:
@@ -116,12 +118,12 @@ SOURCE = REPO / "bench" / "workloads" / "forkloop.c"
 BUILD_DIR = REPO / "build" / "bench"
 BINARY = BUILD_DIR / "forkloop"
 ANONTRACE = REPO / ".venv" / "bin" / "anontrace"
-VARIANTS = ("untraced", "system", "pid", "nopoll", "empty", "bpftrace", "serve", "cmd")
+VARIANTS = ("untraced", "system", "pid", "state", "nopoll", "empty", "bpftrace", "serve", "cmd")
 # What the state-map design must keep of untraced fork throughput (issue 9,
 # host tracepoint backend, quiet machine).
 STATE_TARGETS = {"serve": 0.92, "cmd": 0.90}
 # Variants that need the kernel facts (BTF, headers) in this process.
-IN_PROCESS = ("system", "pid", "nopoll", "empty")
+IN_PROCESS = ("system", "pid", "state", "nopoll", "empty")
 
 
 class BenchError(Exception):
@@ -288,6 +290,11 @@ class Consumer(threading.Thread):
         t0, w0 = time.thread_time(), time.monotonic()
         st = self.stats
         try:
+            while not self.session.streams_events and not self.stop.is_set():
+                # State maps only: read them once a second, as serve does.
+                self.session.read_state()
+                st.polls += 1
+                self.stop.wait(1.0)
             while not self.stop.is_set():
                 evs = self.session.poll(100)
                 st.polls += 1
@@ -356,7 +363,8 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     try:
         pids = (wl.pid,) if variant == "pid" else ()
         before = set(_bpftool_progs()) if stats else set()
-        opts = TraceOptions(backend=args.backend, pids=pids, transport=args.transport)
+        opts = TraceOptions(backend=args.backend, pids=pids, transport=args.transport,
+                            events=variant != "state", state=variant == "state")
         with TraceSession(opts, facts=facts) as session:
             assert session.plan is not None
             info.setdefault("backend_used", session.plan.backend)
