@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import time
@@ -33,6 +34,10 @@ class FamilyRun:
     transport: str = ""
     bystander_pid: int = 0
     while_alive: dict[str, object] = field(default_factory=dict)
+    # CPU the rest of the host used while the family was traced, per second
+    # of the run (other tests, a CI neighbour): system-wide counts such as
+    # recursion misses scale with it.
+    other_cpu_per_s: float = 0.0
 
     def mm_of(self, pid: int) -> int:
         """The mm of a traced process, learned from fork events."""
@@ -71,6 +76,7 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
     """Start forkchain paused, trace it (and not a bystander), let it build
     the chain, optionally inspect it alive, then let it exit and collect."""
     run = FamilyRun(backend, regions, generations)
+    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
     proc = subprocess.Popen([str(binary), str(regions), str(generations), "touch"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     bystander = subprocess.Popen([str(binary), "2", "2"], stdin=subprocess.PIPE,
@@ -126,4 +132,20 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    other = (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)
+    run.other_cpu_per_s = max(0.0, other) / max(1e-3, time.monotonic() - t0)
     return run
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the workloads)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
