@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ensure a DWARF vmlinux for the installed Debian 6.12 kernel exists for drgn
-# (BTF alone is not enough for drgn; see docs KERNEL-NOTES.md section 5).
+# (BTF alone is not enough for drgn; docs/kernels.md "Ground truth: drgn").
 # Usage: scripts/fetch-dbg-vmlinux.sh [RELEASE]   (default: newest /boot/vmlinuz-6.12.*)
 set -euo pipefail
 

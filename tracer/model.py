@@ -3,7 +3,7 @@
 It runs the same on a live stream and on a recording. Kernel pointers key
 everything; processes are learned from fork/exec events and from the mm of
 events that fire in a process's own context (fork runs in the parent before
-the child has a pid: KERNEL-NOTES section 4).
+the child has a pid: docs/kernels.md, "The fork attribution trap").
 
 Lost or missing events never crash it or drive a count negative: the state is
 marked partial, with the reason, and later events overwrite stale records
@@ -596,7 +596,7 @@ class Model:
             self._reasons.add(_REUSED)
             self._drop_av(old & _ID)
         # The mm it is created for is the VMA's, learned with the VMA: a
-        # fork allocates in the parent's context (KERNEL-NOTES section 4).
+        # fork allocates in the parent's context (docs/kernels.md, "The fork attribution trap").
         if ev.depth:
             self._learn_av(ev, 0, -1)   # derived backend: facts already read
         else:

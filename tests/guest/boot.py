@@ -2,7 +2,7 @@
 """Run a shell command inside a real Debian kernel booted under QEMU TCG.
 
 The development machine's own kernel has no kprobes and refuses fentry
-(docs: KERNEL-NOTES.md sections 1 and 2), so kernel tests boot Debian's 6.1 or
+(docs/kernels.md), so kernel tests boot Debian's 6.1 or
 6.12 kernel, or sid's 7.2, with virtme-ng, sharing the host root filesystem read-only.
 
 Inside the guest:

@@ -18,7 +18,7 @@ from tracer.kernel_env import Kallsyms
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
-#: kernel series -> what it is in KERNEL-NOTES.md
+#: kernel series -> what it is (docs/kernels.md "Kernels we test on")
 SERIES = ("6.1", "6.12", "6.18")
 
 

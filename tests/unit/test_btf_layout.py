@@ -9,7 +9,7 @@ from tests.unit import kfix
 from tracer.btf import Btf, BtfError, Member
 from tracer.layout import read_layout
 
-# Offsets read from each kernel's BTF (KERNEL-NOTES.md section 4 for 6.18).
+# Offsets read from each kernel's BTF (docs/kernels.md "Struct members used").
 # anon_vma has had the same layout since 2555283eb40d (v6.0).
 EXPECTED = {
     "6.18": {"AV_ROOT": 0, "AV_NUM_CHILDREN": 56, "AV_NUM_ACTIVE_VMAS": 64, "AV_PARENT": 72},

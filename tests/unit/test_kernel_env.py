@@ -83,7 +83,7 @@ def test_recorded_call_sites_resolve(series: str) -> None:
 
 def test_recorded_618_ranges_end_at_pfx_padding() -> None:
     """6.18 has __pfx_ padding symbols: anon_vma_clone ends where
-    __pfx_anon_vma_fork starts (KERNEL-NOTES section 6 call_site ranges)."""
+    __pfx_anon_vma_fork starts (docs/kernels.md: the call-site ranges)."""
     ks = kfix.kallsyms("6.18")
     assert ks.get("anon_vma_clone").end == ks.get("__pfx_anon_vma_fork").start
     assert ks.get("anon_vma_fork").end - ks.get("anon_vma_fork").start < 0x1000

@@ -18,7 +18,7 @@ EXPECTED_METHODS = {
     "kprobe": {"anon_vma_fork": "kretprobe", "anon_vma_clone": "kretprobe",
                "unlink_anon_vmas": "kprobe", "page_set_anon_rmap": "kprobe"},
 }
-# KERNEL-NOTES section 3: which page_set_anon_rmap candidate each kernel has.
+# docs/kernels.md "Attach points": which page_set_anon_rmap candidate each kernel has.
 RMAP_FUNCTION = {
     "6.1": RmapArgs("__page_set_anon_rmap", nargs=4, vma=1, page=0, addr=2),
     "6.12": RmapArgs("folio_add_new_anon_rmap", nargs=4, vma=1, page=0, addr=2),
