@@ -886,6 +886,18 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 //   after it                                  -> one anon_vma_fork that reused
 //                                                an ancestor anon_vma
 //   unlink-site entry frees of one VMA        -> one unlink_anon_vmas
+#if CLONE_NARGS >= 3
+// The 7.0 anon_vma rework ("mm: clean up anon_vma implementation", the series
+// that gave anon_vma_clone() its third argument, which is how it is detected)
+// made anon_vma_fork() allocate its anon_vma and chain entry *before* cloning
+// the parent's chain, and free both at once when the clone reused an ancestor
+// (seen in 7.2: two kmem_cache_alloc calls, anon_vma_clone, then
+// kmem_cache_free and __put_anon_vma). Until the operation ends those
+// objects are not initialised: nothing may be read from them, and a fork-site
+// free of them means "reused".
+#define FORK_ALLOCATES_FIRST
+#endif
+
 struct pending {
     u64 clone_avc;
     u64 fork_av;
@@ -946,6 +958,11 @@ static __always_inline void pending_drop(struct pending *p)
 // the fork made a new anon_vma rather than reusing one.
 static __always_inline void close_run(struct pending *p, int fork_follows)
 {
+#ifdef FORK_ALLOCATES_FIRST
+    // Its fork-site entry came before the run, and is still held unless the
+    // clone reused an ancestor (then it was freed and dropped).
+    fork_follows = p->fork_avc != 0;
+#endif
 #ifdef WITH_STATE
     if (p->grp_mm && !fork_follows)
         st_count(st_mm.lookup(&p->grp_mm), 0);
@@ -1042,10 +1059,26 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
     p->live = 1;
     flush_clone(ctx, p);
     if (site == S_CLONE) {
+#ifndef FORK_ALLOCATES_FIRST
         if (fork_done(p))
             flush_fork(ctx, p);
+#endif
         flush_prep(ctx, p);
         p->clone_avc = ptr;
+#ifdef FORK_ALLOCATES_FIRST
+    } else if (site == S_FORK) {
+        // An anon_vma allocation opens the next fork operation: the previous
+        // one (its clone run, then its own entry) is complete.
+        if (is_av || p->fork_avc) {
+            close_run(p, 0);
+            flush_fork(ctx, p);
+        }
+        flush_prep(ctx, p);
+        if (is_av)
+            p->fork_av = ptr;
+        else
+            p->fork_avc = ptr;
+#else
     } else if (site == S_FORK) {
         close_run(p, 1);
         if ((is_av && p->fork_av) || (!is_av && p->fork_avc))
@@ -1055,6 +1088,7 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
             p->fork_av = ptr;
         else
             p->fork_avc = ptr;
+#endif
     } else if (site == S_PREPARE) {
         close_run(p, 0);
         if ((is_av && p->prep_av) || (!is_av && p->prep_avc))
@@ -1132,6 +1166,20 @@ static __always_inline void handle_alloc(void *ctx, u32 site, u64 bytes, u64 ptr
 static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr, int traced)
 {
 #ifdef DERIVE_FROM_KMEM
+#ifdef FORK_ALLOCATES_FIRST
+    if (traced && site == S_FORK && !is_av) {
+        // The clone reused an ancestor: the entry (and the anon_vma, put
+        // next) allocated ahead were never used. Drop them unread, so that
+        // the run closes as a reusing fork.
+        struct pending *p = pending_get(0);
+        if (p && p->fork_avc == ptr) {
+            p->fork_avc = 0;
+            p->fork_av = 0;
+            flush_all(ctx);
+            return;
+        }
+    }
+#endif
     if (traced)
         flush_all(ctx);
 #endif
