@@ -1,0 +1,101 @@
+"""The tracepoint backend agrees with fentry, process by process.
+
+The tracepoint backend rebuilds the logical probes from slab allocations
+and frees (README "Logical probes"), so it depends on the order in which
+the kernel allocates: since the 7.0 anon_vma rework ``anon_vma_fork()``
+allocates its anon_vma and chain entry before cloning the parent's chain,
+and frees both when the clone reused an ancestor. On a kernel where fentry
+works, the same workloads traced both ways must give the same figures:
+
+* a fork chain (new anon_vmas at every level), alive;
+* the 2012 reproducer shape (every generation forks the next and exits, so
+  the reuse rule applies), at every generation's exit: bounded, and a
+  reusing fork counted as one ``anon_vma_fork``, not as a new anon_vma.
+
+Runs in the fentry pass only (one pass proves the point; CI time budget).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.kernel.cli_run import CliRun, start
+
+FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_degree", "max_chain", "events")
+REGIONS, GENERATIONS = 3, 4
+REPRO_GENERATIONS = 12
+
+
+def _skip_unless_fentry(backend: str) -> None:
+    if backend != "fentry":
+        pytest.skip("compares the tracepoint backend with fentry: runs in the fentry pass")
+
+
+def _by_gen(run: CliRun, report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    rows = {p["pid"]: p for p in report["processes"]}
+    out = {g: {k: rows[pid][k] for k in FIELDS} for g, pid in run.pids().items()}
+    for figures in out.values():
+        # The tracepoint backend has no attach point for page_set_anon_rmap.
+        figures["events"] = {k: v for k, v in figures["events"].items()
+                             if k != "page_set_anon_rmap"}
+    return out
+
+
+def _differ(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> list[str]:
+    return [f"generation {g}: tracepoint {a.get(g)} fentry {b.get(g)}"
+            for g in sorted(set(a) | set(b)) if a.get(g) != b.get(g)]
+
+
+def _chain(forkchain_bin, backend: str) -> dict[int, dict[str, Any]]:
+    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
+    try:
+        run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+        run.send(b"g")
+        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
+                       and len(r.pids()) == GENERATIONS + 1)
+        have = len(run.reports)
+        run.read_until(lambda r: len(r.reports) >= have + 2)
+        alive = run.reports[-1]
+        assert not alive["partial"], alive["partial_reasons"]
+        figures = _by_gen(run, alive)
+    finally:
+        status = run.finish()
+    assert status == 0, run.stderr
+    return figures
+
+
+def _reproducer(reproducer_bin, backend: str) -> dict[int, dict[str, Any]]:
+    run = start(["--", str(reproducer_bin), "2", str(REPRO_GENERATIONS)], backend)
+    try:
+        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
+    finally:
+        status = run.finish()
+    assert status == 0, run.stderr
+    final = run.reports[-1]
+    assert final["final"] and final["lost_events"] == 0 and not final["partial"], final
+    assert len(run.pids()) == REPRO_GENERATIONS + 1
+    return _by_gen(run, final)
+
+
+def test_fork_chain_figures_agree(forkchain_bin, backend) -> None:
+    _skip_unless_fentry(backend)
+    fentry = _chain(forkchain_bin, "fentry")
+    tracepoint = _chain(forkchain_bin, "tracepoint")
+    for g in range(GENERATIONS + 1):
+        assert fentry[g]["max_depth"] == g + 1, fentry[g]
+    assert not _differ(tracepoint, fentry), "\n".join(_differ(tracepoint, fentry))
+
+
+def test_reproducer_figures_agree_and_reuse_is_counted_as_such(reproducer_bin, backend) -> None:
+    _skip_unless_fentry(backend)
+    fentry = _reproducer(reproducer_bin, "fentry")
+    tracepoint = _reproducer(reproducer_bin, "tracepoint")
+    assert not _differ(tracepoint, fentry), "\n".join(_differ(tracepoint, fentry))
+    for g in range(2, REPRO_GENERATIONS + 1):
+        f = fentry[g]
+        # Bounded: the reuse rule keeps depth at 2-3 and each anon VMA at no
+        # more than three anon_vmas (its root and two alternating levels).
+        assert f["max_depth"] <= 3, (g, f)
+        # One anon_vma_fork per anon VMA of the parent, reused or new.
+        assert f["events"]["anon_vma_fork"] == fentry[g - 1]["anon_vmas"], (g, f, fentry[g - 1])
