@@ -11,6 +11,10 @@ import pytest
 from tracer.events import F_REUSED, Kind, lost_total
 from tests.kernel.family import FamilyRun, run_family
 
+# The family end to end is also what the guests' auto pass runs (with the
+# check tests): the automatic choice, proven on a real workload.
+pytestmark = pytest.mark.auto_pass
+
 REGIONS = 3
 GENERATIONS = 4
 PAGES_PER_REGION = 4  # tests/workloads/forkchain.c
