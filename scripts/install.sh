@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install what anontrace needs on Debian 12, as root, into ./.venv.
 #   scripts/install.sh          runtime: BCC, bpftool, headers, the venv
-#   scripts/install.sh --test   also: the 6.1 and 6.12 kernels, QEMU and
-#                               virtme-ng for the guest tests, gcc, drgn,
-#                               the 6.12 debug vmlinux for ground truth and
+#   scripts/install.sh --test   also: the 6.1 and 6.12 kernels, Linux 7.2
+#                               unpacked from Debian sid, QEMU and virtme-ng
+#                               for the guest tests, gcc, drgn, the 6.12 and
+#                               7.2 debug vmlinux for ground truth and
 #                               bpftrace (the peer bench/fork_overhead.py
 #                               compares against)
 set -euo pipefail
@@ -49,6 +50,7 @@ fi
 if [ "$want_test" = 1 ]; then
     .venv/bin/pip install -q -e '.[test]'
     scripts/fetch-dbg-vmlinux.sh
+    scripts/fetch-sid-kernel.sh
 else
     .venv/bin/pip install -q -e .
 fi

@@ -3,8 +3,9 @@
 #   1. installs everything (scripts/install.sh --test),
 #   2. unit tests (pure logic, recorded fixtures),
 #   3. kernel tests on the host kernel, per backend,
-#   4. kernel tests inside Debian's 6.1 and 6.12 kernels booted under QEMU,
-#      with fentry and kprobe forced and the automatic choice,
+#   4. kernel tests inside Debian's 6.1 and 6.12 kernels and sid's 7.2
+#      booted under QEMU, with fentry and kprobe forced and the automatic
+#      choice,
 # then prints one `kernel <release> <method>: N passed, M failed` line per
 # kernel and method, and a total.
 # Usage: scripts/test.sh [--no-install] [--no-guests]
@@ -48,7 +49,7 @@ for method in tracepoint auto; do
 done
 
 if [ "$guests" = 1 ]; then
-    for series in 6.1 6.12; do
+    for series in 6.1 6.12 7.2; do
         echo "== kernel tests: Debian $series under QEMU (auto, fentry, kprobe)"
         guest_cmd="for m in auto fentry kprobe; do
             echo \"== guest \$(uname -r) \$m\";
