@@ -142,12 +142,3 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait()
 
-
-def skip_guest_auto_pass(backend: str) -> None:
-    """In the QEMU guests the auto pass resolves to fentry, which the fentry
-    pass already runs: newer, longer tests run once per method there."""
-    import pytest
-
-    if os.environ.get("ANONTRACE_GUEST") and backend == "auto":
-        pytest.skip("in the guests auto resolves to fentry: the fentry pass runs this test "
-                    "(CI time budget)")

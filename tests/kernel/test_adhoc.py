@@ -140,6 +140,7 @@ def test_replay_matches_live(forkchain_bin, backend, tmp_path) -> None:
     assert replayed == run.reports
 
 
+@pytest.mark.method_agnostic
 def test_unknown_pid_is_a_clear_error(backend) -> None:
     out = subprocess.run([sys.executable, "-m", "tracer.cli", "-p", "999999999", "-d", "1"],
                          capture_output=True, text=True, timeout=60)
@@ -159,6 +160,7 @@ def _fentry_loads() -> bool:
         return False
 
 
+@pytest.mark.method_agnostic
 def test_census_of_running_processes(forkchain_bin, backend) -> None:
     """-p on processes that were already running: a task_vma iterator reads
     their VMAs, so the figures are exact from the first report. A kernel that
@@ -200,6 +202,7 @@ def test_census_of_running_processes(forkchain_bin, backend) -> None:
         assert p["anon_vmas"] > 0 and p["alive"] is True
 
 
+@pytest.mark.method_agnostic
 def test_command_starts_with_extra_descriptors_open(backend) -> None:
     """The paused start does not assume its pipe is descriptor 3 (a shell
     script or a service manager may hand anontrace more open descriptors)."""

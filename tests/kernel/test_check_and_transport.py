@@ -54,6 +54,7 @@ def test_check_backend_is_first_that_works(check_report) -> None:
         assert entry["ok"] or entry["error"], (b, entry)
 
 
+@pytest.mark.method_agnostic
 def test_perf_buffer_transport(forkchain_bin, backend) -> None:
     run = run_family(forkchain_bin, backend, 2, 2, transport="perf")
     assert run.transport == "perf"
@@ -63,6 +64,7 @@ def test_perf_buffer_transport(forkchain_bin, backend) -> None:
         assert sorted(e.depth for e in forks) == [g + 1, g + 1]
 
 
+@pytest.mark.method_agnostic
 def test_pending_state_in_a_hash_map(forkchain_bin, backend) -> None:
     """Kernels before v5.11 have no task storage for tracing programs: the
     tracepoint backend then keeps each task's pending allocations in a hash

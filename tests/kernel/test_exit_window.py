@@ -18,9 +18,12 @@ import os
 import subprocess
 import time
 
-from tests.kernel.stack import skip_guest_auto_pass
+import pytest
+
 from tracer.bpf_session import TraceOptions, TraceSession
 from tracer.kstate import P_EXITING, KernelState
+
+pytestmark = pytest.mark.method_agnostic
 
 PAGES = 4096
 FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_chain", "max_degree")
@@ -31,7 +34,6 @@ def _figures(row) -> tuple[int, ...]:
 
 
 def test_figures_hold_through_the_exit_teardown(splits_bin, backend) -> None:
-    skip_guest_auto_pass(backend)
     proc = subprocess.Popen([str(splits_bin), str(PAGES)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None

@@ -12,6 +12,7 @@ from tracer.bpf_source import MapSizes
 from tracer.kstate import KernelState
 
 
+@pytest.mark.method_agnostic
 def test_a_full_map_is_counted_and_named(backend) -> None:
     if os.environ.get("ANONTRACE_GUEST") and backend != "fentry":
         pytest.skip("the map code is the same on every backend: in the guests the fentry "

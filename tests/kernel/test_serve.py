@@ -113,6 +113,7 @@ def _line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.readline())
 
 
+@pytest.mark.method_agnostic
 def test_series_bounded_through_churn(serve: Serve) -> None:
     """Thousands of short-lived processes with hostile names: labelled
     series stay within top-K per metric, and every scrape parses."""
@@ -202,6 +203,7 @@ def _active_alerts(prom: Prometheus) -> list[dict[str, Any]]:
     return [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] in GROWTH_ALERTS]
 
 
+@pytest.mark.method_agnostic
 def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> None:
     prom = prometheus
     targets = prom.api("targets")["activeTargets"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from tests.kernel.family import FamilyRun, run_family
-from tests.kernel.stack import skip_guest_auto_pass
 from tracer.derive import Deriver
 from tracer.events import decode_many
 from tracer.kstate import KernelState
@@ -39,7 +38,6 @@ def _figures(f: ProcessFigures) -> dict[str, Any]:
 
 
 def test_maps_equal_the_replayed_recording(forkchain_bin, backend) -> None:
-    skip_guest_auto_pass(backend)
     blobs: list[bytes] = []
     seen: dict[str, Any] = {}
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_workload
 from tests.kernel.cli_run import start
-from tests.kernel.stack import ROOT, Serve, skip_guest_auto_pass
+from tests.kernel.stack import ROOT, Serve
 
 REGIONS = 16
 SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
@@ -29,8 +29,8 @@ GENERATIONS_BESIDE = 3
 SNAPSHOT_WAIT = 2.5   # serve reads its maps once a second
 
 
+@pytest.mark.method_agnostic
 def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
-    skip_guest_auto_pass(backend)
     loop = build_workload("forkloop", ROOT / "bench" / "workloads")
     run = start(["--", str(loop), str(SECONDS), str(REGIONS)], backend, interval=1.0)
     run.read_until(lambda r: any(m.get("event") == "ready" for m in r.workload))
@@ -84,6 +84,7 @@ def _metric(text: str, name: str, **labels: str) -> list[float]:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
+@pytest.mark.method_agnostic
 def test_storm_beside_a_family_under_serve_and_p(forkchain_bin, backend, tmp_path) -> None:
     """A system-wide fork storm of STORM_SECONDS while a forkchain family of
     known shape lives: under `serve` (system-wide) and `anontrace -p` (the
