@@ -890,11 +890,11 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 // The 7.0 anon_vma rework ("mm: clean up anon_vma implementation", the series
 // that gave anon_vma_clone() its third argument, which is how it is detected)
 // made anon_vma_fork() allocate its anon_vma and chain entry *before* cloning
-// the parent's chain, and free both at once when the clone reused an ancestor
-// (seen in 7.2: two kmem_cache_alloc calls, anon_vma_clone, then
-// kmem_cache_free and __put_anon_vma). Until the operation ends those
-// objects are not initialised: nothing may be read from them, and a fork-site
-// free of them means "reused".
+// the parent's chain, and free both when the clone reused an ancestor (seen
+// in 7.2: two kmem_cache_alloc calls, anon_vma_clone, then the anon_vma's
+// free from put_anon_vma and the entry's free from anon_vma_fork). Until the
+// operation ends those objects are not initialised: nothing may be read from
+// them, and their free means "reused".
 #define FORK_ALLOCATES_FIRST
 #endif
 
@@ -1167,15 +1167,21 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 {
 #ifdef DERIVE_FROM_KMEM
 #ifdef FORK_ALLOCATES_FIRST
-    if (traced && site == S_FORK && !is_av) {
-        // The clone reused an ancestor: the entry (and the anon_vma, put
-        // next) allocated ahead were never used. Drop them unread, so that
+    if (traced) {
+        // The clone reused an ancestor: the anon_vma and entry allocated
+        // ahead were never used. 7.2 frees them one at a time and from two
+        // call sites (put_anon_vma first, then the entry in anon_vma_fork),
+        // so match the held pointers, not the site. Drop each unread, with
+        // no event (its allocation was never reported); once both are gone
         // the run closes as a reusing fork.
         struct pending *p = pending_get(0);
-        if (p && p->fork_avc == ptr) {
-            p->fork_avc = 0;
-            p->fork_av = 0;
-            flush_all(ctx);
+        if (p && ptr && ((is_av && p->fork_av == ptr) || (!is_av && p->fork_avc == ptr))) {
+            if (is_av)
+                p->fork_av = 0;
+            else
+                p->fork_avc = 0;
+            if (!p->fork_av && !p->fork_avc)
+                flush_all(ctx);
             return;
         }
     }

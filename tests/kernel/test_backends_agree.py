@@ -16,7 +16,6 @@ Runs in the fentry pass only (one pass proves the point; CI time budget).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,9 +89,6 @@ def test_fork_chain_figures_agree(forkchain_bin, backend) -> None:
 
 def test_reproducer_figures_agree_and_reuse_is_counted_as_such(reproducer_bin, backend) -> None:
     _skip_unless_fentry(backend)
-    if "vma_operation" in Path("/sys/kernel/btf/vmlinux").read_bytes().decode("latin-1"):
-        pytest.skip("known defect (issue 10 open): since the 7.0 rework the tracepoint backend "
-                    "counts a reusing anon_vma_fork as none (0 where fentry counts 12, seen on 7.2)")
     fentry = _reproducer(reproducer_bin, "fentry")
     tracepoint = _reproducer(reproducer_bin, "tracepoint")
     assert not _differ(tracepoint, fentry), "\n".join(_differ(tracepoint, fentry))
