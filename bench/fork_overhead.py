@@ -107,9 +107,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -183,7 +184,7 @@ class Workload:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "Workload":
+    def __enter__(self) -> Workload:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -556,7 +557,7 @@ class Tracer:
             assert self.proc.stderr is not None
             self.err = Output(self.proc.stderr, f"{name}-err")
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self
 
     def __exit__(self, *exc: object) -> None:

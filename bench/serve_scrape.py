@@ -81,10 +81,11 @@ class Serve:
             try:
                 self.scrape()
                 return
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    raise SystemExit(f"serve_scrape: anontrace serve did not start: {err}")
+                    raise SystemExit(
+                        f"serve_scrape: anontrace serve did not start: {err}") from exc
                 time.sleep(0.5)
 
     def scrape(self) -> tuple[float, str]:

@@ -92,7 +92,8 @@ def stat_panel(title: str, description: str, expr: str, *, unit: str = "short",
             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
 
 
-def organize(rename: dict[str, str], exclude: tuple[str, ...] = ("Time",)) -> dm.DataTransformerConfig:
+def organize(rename: dict[str, str],
+             exclude: tuple[str, ...] = ("Time",)) -> dm.DataTransformerConfig:
     return dm.DataTransformerConfig(id_val="organize", options={
         "excludeByName": {name: True for name in exclude},
         "renameByName": rename,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DASHBOARDS: tuple[Path, ...] = (HERE / "anontrace-overview.json", HERE / "anontrace-process.json")
@@ -40,7 +41,7 @@ def _panels(panels: Sequence[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
         yield from _panels(panel.get("panels") or ())
 
 
-def panel_queries(path: Union[str, Path]) -> list[tuple[str, str, str]]:
+def panel_queries(path: str | Path) -> list[tuple[str, str, str]]:
     """(dashboard uid, panel title, expr) for every target of every panel,
     including panels nested in rows, in dashboard order. Targets without an
     expr (none in anontrace's dashboards) are left out."""
@@ -55,7 +56,7 @@ def panel_queries(path: Union[str, Path]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _value(value: Union[str, Sequence[str]]) -> str:
+def _value(value: str | Sequence[str]) -> str:
     """A string is used as is; a list of values becomes a regex alternation
     with each value escaped, as Grafana renders a multi-value variable."""
     if isinstance(value, str):
@@ -64,7 +65,7 @@ def _value(value: Union[str, Sequence[str]]) -> str:
     return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
 
 
-def expand(expr: str, variables: Mapping[str, Union[str, Sequence[str]]]) -> str:
+def expand(expr: str, variables: Mapping[str, str | Sequence[str]]) -> str:
     """Substitute Grafana variables in `expr` so Prometheus can run it.
 
     `variables` maps names (with or without the leading $) to values, e.g.

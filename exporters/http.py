@@ -10,8 +10,9 @@ from __future__ import annotations
 import html
 import socket
 import threading
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -55,7 +56,8 @@ def landing_page(state: ExportState, config_source: str) -> str:
         f"processes tracked; {state.lost_events} events lost.</p></body></html>\n")
 
 
-def make_app(registry: CollectorRegistry, page: Callable[[], str]) -> Callable[..., Iterable[bytes]]:
+def make_app(registry: CollectorRegistry,
+             page: Callable[[], str]) -> Callable[..., Iterable[bytes]]:
     """WSGI app: /metrics from the registry, / the landing page, else 404."""
     metrics = make_wsgi_app(registry)
 

@@ -7,11 +7,15 @@ the model, so registering it costs nothing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.metrics_spec import BY_NAME, DEPTH_BUCKETS, METRICS, PROBES
@@ -40,16 +44,22 @@ class ExportState:
     map_full: dict[str, int] = field(default_factory=dict)   # inserts refused, per state map
 
 
-def _family(name: str, labels: Iterable[str] = ()) -> Metric:
+def _family(name: str, labels: Iterable[str] = ()) -> GaugeMetricFamily | CounterMetricFamily:
     spec = BY_NAME[name]
-    cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
-           "histogram": HistogramMetricFamily}[spec.type]
+    cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}[spec.type]
     return cls(name, spec.help, labels=list(labels or spec.labels))
+
+
+def _histogram(name: str) -> HistogramMetricFamily:
+    spec = BY_NAME[name]
+    assert spec.type == "histogram", name
+    return HistogramMetricFamily(name, spec.help, labels=list(spec.labels))
 
 
 def depth_buckets(learned: dict[int, int]) -> tuple[list[tuple[str, float]], int]:
     """Cumulative histogram buckets (le, count) and the sum, from counts by depth."""
-    out, total, acc = [], 0, 0
+    out: list[tuple[str, float]] = []
+    acc = 0
     items = sorted(learned.items())
     j = 0
     for le in DEPTH_BUCKETS:
@@ -73,7 +83,7 @@ class AnontraceCollector:
 
     def describe(self) -> Iterator[Metric]:
         for spec in METRICS:
-            yield _family(spec.name)
+            yield _histogram(spec.name) if spec.type == "histogram" else _family(spec.name)
 
     def collect(self) -> Iterator[Metric]:
         st = self._state_fn()
@@ -114,10 +124,10 @@ class AnontraceCollector:
             m.add_metric([name], st.map_full.get(name, 0))
         yield m
 
-        m = _family("anontrace_hierarchy_depth")
+        h = _histogram("anontrace_hierarchy_depth")
         buckets, total = depth_buckets(snap.learned_depths)
-        m.add_metric([], buckets, total)
-        yield m
+        h.add_metric([], buckets, total)
+        yield h
 
         per_process = (("anontrace_process_anon_vmas", "anon_vmas"),
                        ("anontrace_process_anon_vma_chains", "anon_vma_chains"),

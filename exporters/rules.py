@@ -57,12 +57,18 @@ ANONTRACE_JOB_RE = "anontrace.*"
 class GrowthSettings(Protocol):
     """What render_rules reads; tracer.config.GrowthConfig has these fields."""
 
-    window_seconds: float
-    for_seconds: float
-    min_depth_increase: int
-    min_family_anon_vmas_increase: int
-    min_orphaned_increase: int
-    min_host_anon_vmas_increase: int
+    @property
+    def window_seconds(self) -> float: ...
+    @property
+    def for_seconds(self) -> float: ...
+    @property
+    def min_depth_increase(self) -> int: ...
+    @property
+    def min_family_anon_vmas_increase(self) -> int: ...
+    @property
+    def min_orphaned_increase(self) -> int: ...
+    @property
+    def min_host_anon_vmas_increase(self) -> int: ...
 
 
 # --- Prometheus durations ------------------------------------------------------
@@ -143,7 +149,7 @@ class _Durations:
     for_: str
 
     @classmethod
-    def of(cls, growth: GrowthSettings) -> "_Durations":
+    def of(cls, growth: GrowthSettings) -> _Durations:
         w = growth.window_seconds
         f = growth.for_seconds
         if not (_is_number(f) and f >= 0):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 from tracer.kstate import KernelState, ProcRow
 from tracer.model import Model, Process
@@ -59,6 +60,16 @@ class Snapshot:
     learned_depths: dict[int, int] = field(default_factory=dict)
 
 
+
+class Named(Protocol):
+    """What selection looks at: a live process (tracer.model.Process) or a
+    row read from the state maps (tracer.kstate.ProcRow)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def comm(self) -> str: ...
+
 class TopView:
     """Ranks processes and families for export.
 
@@ -70,7 +81,7 @@ class TopView:
     """
 
     def __init__(self, top_k: int, expiry_s: float,
-                 eligible: Callable[[Process], bool] = lambda p: True) -> None:
+                 eligible: Callable[[Named], bool] = lambda p: True) -> None:
         self.top_k = top_k
         self.expiry_s = expiry_s
         self.eligible = eligible
@@ -106,7 +117,7 @@ class TopView:
                                                   kv[1][0]))
             self._exited = dict(best)
 
-    def _expire(self, now: float, live: dict[int, Process]) -> None:
+    def _expire(self, now: float, live: Collection[int]) -> None:
         cutoff = now - self.expiry_s
         # A live process with the same pid (reused) replaces the exited one.
         for pid in [pid for pid, (t, _) in self._exited.items() if t < cutoff or pid in live]:
@@ -140,7 +151,7 @@ class TopView:
         for r in rows:
             self._comms[r.pid] = r.comm
             f = r.figures
-            if f.anon_vmas and self.eligible(r):   # type: ignore[arg-type]  (pid, comm)
+            if f.anon_vmas and self.eligible(r):
                 self._exited[r.pid] = (now, ProcessRow(r.pid, safe_comm(r.comm), f.anon_vmas,
                                                        f.anon_vma_chains, f.max_depth,
                                                        f.max_degree, False))
@@ -150,7 +161,7 @@ class TopView:
         """The figures to export from the state maps (tracer.kstate): the
         same ranking, expiry and bounds as :meth:`snapshot`."""
         live = {pid: r for pid, r in state.processes.items() if r.alive}
-        self._expire(now, live)   # type: ignore[arg-type]  (only membership is used)
+        self._expire(now, live)
         g = state.globals
         snap = Snapshot(tracked_processes=len(live), learned_depths=dict(g.learned_depths),
                         anon_vmas=g.anon_vmas, anon_vma_chains=g.anon_vma_chains,
@@ -158,7 +169,7 @@ class TopView:
         for r in live.values():
             self._comms[r.pid] = r.comm
         cands = heapq.nlargest(self.top_k, (r for r in live.values()
-                                            if r.figures.anon_vmas and self.eligible(r)),  # type: ignore[arg-type]
+                                            if r.figures.anon_vmas and self.eligible(r)),
                                key=lambda r: (r.figures.anon_vmas, r.figures.max_depth, -r.pid))
         rows = [ProcessRow(r.pid, safe_comm(r.comm), r.figures.anon_vmas,
                            r.figures.anon_vma_chains, r.figures.max_depth,

@@ -14,19 +14,26 @@ import gc
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import (LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records,
-                           lost_total)
+from tracer.events import LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records, lost_total
 from tracer.headers import Headers, HeadersError, find_headers
+from tracer.kernel_env import (
+    Kallsyms,
+    KernelEnv,
+    KernelEnvError,
+    ensure_tracefs,
+    slab_object_size,
+    tracepoint_fields,
+    tracepoint_format,
+)
 from tracer.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
-from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, ensure_tracefs,
-                               slab_object_size, tracepoint_fields, tracepoint_format)
 from tracer.layout import KernelLayout, read_layout
 from tracer.probes import BACKENDS, LOGICAL_PROBES, Plan, kmem_raw_cache_args, plan_backend
 
@@ -44,7 +51,7 @@ _KPROBE_FUNCS = {
 def import_bcc() -> Any:
     """Import BCC with an actionable error where it is missing."""
     try:
-        import bcc  # noqa: PLC0415  (only this module may import bcc)
+        import bcc  # type: ignore[import-untyped]  # only this module may import bcc
     except ImportError as exc:
         raise AnontraceError(
             "BCC's Python module is not importable: apt-get install python3-bpfcc, and run "
@@ -190,7 +197,7 @@ class TraceSession:
         self._state_iter: Any = None
 
     # -- lifecycle -------------------------------------------------------
-    def __enter__(self) -> "TraceSession":
+    def __enter__(self) -> TraceSession:
         try:
             self.open()
         except BaseException:
@@ -371,6 +378,7 @@ class TraceSession:
             if not choice.ok:
                 continue
             entry, exit_ = _KPROBE_FUNCS[probe]
+            assert choice.function is not None   # a working choice names its function
             captured: list[str] = []
             try:
                 with _captured_stderr(captured):
@@ -427,7 +435,7 @@ class TraceSession:
         census_all = pids is None
         captured: list[str] = []
         cached = self._census_progs.get(census_all)
-        prog = None
+        prog: Any = None
         try:
             if cached is None:
                 opts = dataclasses.replace(self._build_options(self.plan), census_all=census_all)
@@ -450,7 +458,7 @@ class TraceSession:
             keep = False
             return b"", msg
         finally:
-            if keep:
+            if keep and cached is not None:
                 self._census_progs[census_all] = cached
             elif prog is not None:
                 self._census_progs.pop(census_all, None)
@@ -616,7 +624,7 @@ class TraceSession:
         yield from self.drain()
 
 
-def _clean_mappings(path_re: "re.Pattern[str]", smaps: str = "/proc/self/smaps"
+def _clean_mappings(path_re: re.Pattern[str], smaps: str = "/proc/self/smaps"
                     ) -> list[tuple[int, int]]:
     """[lo, hi) of this process's read-only file mappings whose path matches
     and that hold no anonymous or dirty page."""
@@ -746,7 +754,7 @@ def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:
 
 def _census_marker(ts: int) -> bytes:
     """The record that says a census is complete (vma == 0)."""
-    fields = [0] * 24
+    fields: list[int | bytes] = [0] * 24
     fields[0] = ts
     fields[13] = int(Kind.CENSUS_VMA)
     fields[21] = int(Site.NONE)

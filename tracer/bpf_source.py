@@ -33,7 +33,7 @@ class BuildOptions:
     census_all: bool = False  # census.bpf.c: every process, not the census_tgids map
     events: bool = True       # stream events through the ring/perf buffer
     state: bool = False       # keep the figures in maps (tracer/kstate.py reads them)
-    map_sizes: "MapSizes | None" = None
+    map_sizes: MapSizes | None = None
     prealloc: bool = True     # preallocate the state maps (kernels before v6.1 need it)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 DEFAULT_BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 
@@ -68,7 +69,7 @@ class Btf:
                 self._typedefs[name] = t
 
     @classmethod
-    def from_json(cls, text: str) -> "Btf":
+    def from_json(cls, text: str) -> Btf:
         """Parse ``bpftool -j btf dump`` output (or a fixture subset of it)."""
         try:
             data = json.loads(text)

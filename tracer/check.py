@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tracer.bpf_session import (KernelFacts, TraceOptions, TraceSession, import_bcc,
-                                read_kernel_facts, require_root)
+from tracer.bpf_session import (
+    KernelFacts,
+    TraceOptions,
+    TraceSession,
+    import_bcc,
+    read_kernel_facts,
+    require_root,
+)
 from tracer.errors import AnontraceError
 from tracer.kernel_env import KernelEnv, read_lockdown
 from tracer.probes import BACKENDS, LOGICAL_PROBES, plan_backend

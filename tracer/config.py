@@ -13,8 +13,9 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -35,7 +36,7 @@ TOP_K_MAX = 1000
 PID_MAX = 4 * 1024 * 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
@@ -163,7 +164,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and value and (m := _DURATION.fullmatch(value)):
-        ms = sum(int(n) * unit for n, unit in zip(m.groups(), _DURATION_UNITS_MS) if n)
+        amounts = zip(m.groups(), _DURATION_UNITS_MS, strict=True)
+        ms = sum(int(n) * unit for n, unit in amounts if n)
         seconds = ms / 1000
     else:
         raise ValueError(f"expected {_DURATION_HINT}, got {value!r}")

@@ -157,8 +157,9 @@ def decode(data: bytes | memoryview) -> Event:
             Kind(f[13]), Site(f[21])
         except ValueError as exc:
             raise ValueError(f"unknown event kind or site: {exc}") from exc
-    return Event(*f[:13], kind, f[14], f[15], f[16], f[17], f[18], f[19], f[20], site,
-                 f[22], _comm(f[23]))
+    fields = list(f)
+    fields[13], fields[21], fields[23] = kind, site, _comm(f[23])
+    return Event(*fields)
 
 
 def decode_many(data: bytes | memoryview) -> list[Event]:
@@ -178,11 +179,12 @@ def decode_many(data: bytes | memoryview) -> list[Event]:
         (e.ts, e.mm, e.cur_mm, e.vma, e.vm_start, e.vm_end, e.anon_vma, e.parent, e.root,
          e.aux, e.aux2, e.num_children, e.num_active_vmas, k, e.tgid, e.tid, e.depth,
          e.chain_len, e.ret, e.pid2, e.tid2, s, e.flags, c) = f
-        kind = e.kind = kind_of(k)
-        site = e.site = site_of(s)
+        kind, site = kind_of(k), site_of(s)
         if kind is None or site is None:
             i = len(out) * WIRE.size
             decode(data[i:i + WIRE.size])  # raises the error decode() gives
+            raise AssertionError("decode() accepted an unknown kind or site")
+        e.kind, e.site = kind, site
         comm = comms.get(c)
         e.comm = comm if comm is not None else _comm(c)
         append(e)

@@ -69,7 +69,7 @@ class Kallsyms:
         self.hidden = bool(starts) and all(a == 0 for a in self._addrs)
 
     @classmethod
-    def read(cls, env: KernelEnv) -> "Kallsyms":
+    def read(cls, env: KernelEnv) -> Kallsyms:
         try:
             return cls(env.kallsyms.read_text())
         except OSError as exc:

@@ -14,8 +14,8 @@ against the C source.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from tracer.model import PROBE_NAMES, ProcessFigures
 
@@ -71,11 +71,11 @@ class MmRow:
     max_degree: int
 
     @staticmethod
-    def decode(mm: int, raw: bytes) -> "MmRow":
+    def decode(mm: int, raw: bytes) -> MmRow:
         return MmRow.from_fields(mm, MMSTATE.unpack_from(raw))
 
     @staticmethod
-    def from_fields(mm: int, f: tuple[int, ...]) -> "MmRow":
+    def from_fields(mm: int, f: tuple[int, ...]) -> MmRow:
         big = f[8:11]
         depth = f[12:12 + NB]
         chain = f[12 + NB:12 + 2 * NB]
@@ -114,8 +114,8 @@ class ProcRow:
 def _figures(events: Iterable[int], mm: MmRow | None) -> ProcessFigures:
     ev = list(events)
     if mm is not None:
-        ev = [a + b for a, b in zip(ev, mm.events)]
-    names = dict(zip(PROBE_NAMES, ev))
+        ev = [a + b for a, b in zip(ev, mm.events, strict=True)]
+    names = dict(zip(PROBE_NAMES, ev, strict=True))
     if mm is None:
         return ProcessFigures(0, 0, 0, 0, 0, names)
     return ProcessFigures(mm.anon_vmas, mm.anon_vma_chains, mm.max_depth, mm.max_degree,
@@ -166,7 +166,7 @@ class FamilyState:
     max_depth: int
 
     @staticmethod
-    def decode(pid: int, raw: bytes) -> "FamilyState":
+    def decode(pid: int, raw: bytes) -> FamilyState:
         f = FAMSTATE.unpack_from(raw)
         return FamilyState(pid, f[0], f[1], hist_max(f[4:4 + NB], f[2]))
 
@@ -184,7 +184,7 @@ class Globals:
     learned_depths: dict[int, int] = field(default_factory=dict)
 
     @staticmethod
-    def from_sums(sums: list[int], depths: list[int]) -> "Globals":
+    def from_sums(sums: list[int], depths: list[int]) -> Globals:
         """``sums``: st_global summed over CPUs; ``depths``: st_depths."""
         g = Globals(anon_vmas=max(0, sums[G_AVS]), anon_vma_chains=max(0, sums[G_CHAINS]),
                     orphaned_anon_vmas=max(0, sums[G_ORPHANS]), anomalies=sums[G_ANOMALIES])
@@ -219,7 +219,7 @@ class KernelState:
     globals: Globals
 
     @staticmethod
-    def decode(dump: StateDump) -> "KernelState":
+    def decode(dump: StateDump) -> KernelState:
         mms = {mm: MmRow.decode(mm, raw) for mm, raw in dump.mms.items()}
         procs = {pid: decode_proc(pid, raw, mms) for pid, raw in dump.procs.items()}
         fams = {pid: FamilyState.decode(pid, raw) for pid, raw in dump.families.items()}

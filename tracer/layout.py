@@ -32,7 +32,8 @@ class KernelLayout:
 
     ``counters`` names the anon_vma fan-out era: ``"degree"`` before commit
     2555283eb40d ("mm/rmap: Fix anon_vma->degree ambiguity leading to
-    double-reuse") (v6.0 and its stable backports), else ``"num_children"`` with ``num_active_vmas``.
+    double-reuse") (v6.0 and its stable backports), else ``"num_children"``
+    with ``num_active_vmas``.
     """
 
     offsets: dict[str, int]

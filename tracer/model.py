@@ -32,9 +32,9 @@ partial).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind
 
@@ -103,7 +103,7 @@ class Process:
     mms: list[Mm] = field(default_factory=list)
     preexisting: bool = False   # running before tracing began: its state is partial
     exited_ts: int = 0
-    at_exit: "ProcessFigures | None" = None  # figures when its exit was seen
+    at_exit: ProcessFigures | None = None  # figures when its exit was seen
     exiting: bool = False       # its mm teardown at exit began (at_exit taken then)
 
 
@@ -124,7 +124,7 @@ class _AnonVmaView(Mapping):
 
     __slots__ = ("_m",)
 
-    def __init__(self, model: "Model") -> None:
+    def __init__(self, model: Model) -> None:
         self._m = model
 
     def __getitem__(self, ptr: int) -> AnonVmaInfo:
@@ -272,7 +272,7 @@ class Model:
         v = mm.vmas.get(vma_ptr) if mm is not None else None
         return None if v is None else self._vma_info(mm_ptr, v)
 
-    def mm_vmas(self, mm: "Mm | int") -> dict[int, VmaInfo]:
+    def mm_vmas(self, mm: Mm | int) -> dict[int, VmaInfo]:
         """The tracked VMAs of an mm (object or pointer): VMA pointer -> VmaInfo."""
         if isinstance(mm, int):
             found = self.mms.get(mm)
@@ -692,7 +692,7 @@ class Model:
             max_depth=max((depth[i] for i in ids), default=0),
             max_degree=max((children[i] for i in ids), default=0),
             max_chain=max_chain,
-            events=dict(zip(PROBE_NAMES, events)))
+            events=dict(zip(PROBE_NAMES, events, strict=True)))
 
     def anon_vma_chain_count(self) -> int:
         """anon_vma_chain entries on all tracked VMAs (kept as they change)."""

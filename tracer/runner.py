@@ -10,9 +10,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError

@@ -14,8 +14,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
@@ -88,7 +89,7 @@ class _Stop:
         self.event = threading.Event()
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_Stop":
+    def __enter__(self) -> _Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, lambda *_: self.event.set())
         return self

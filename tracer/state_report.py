@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tracer.kstate import P_UNSEEN, PREEXISTING_REASON, KernelState, ProcRow, StateDump
-from tracer.model import PROBE_NAMES, ProcessFigures
-from tracer.model import CENSUS_MISSING_REASON
+from tracer.model import CENSUS_MISSING_REASON, PROBE_NAMES, ProcessFigures
 from tracer.procs import proc_ppid
-
 
 _NO_FIGURES = ProcessFigures(0, 0, 0, 0, 0, dict.fromkeys(PROBE_NAMES, 0))
 

@@ -43,8 +43,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -61,9 +61,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from drgn_walk import load_program, walk_pid  # noqa: E402  (same directory)
@@ -166,7 +167,7 @@ class Anontrace:
         *lines, self._buf = self._buf.split(b"\n")
         return lines
 
-    def read_until(self, done: Callable[["Anontrace"], bool], timeout: float,
+    def read_until(self, done: Callable[[Anontrace], bool], timeout: float,
                    on_report: Callable[[int], bool] | None = None) -> None:
         """Read until ``done(self)``; ``on_report(index)`` is called for each
         report as it arrives and may end the wait by returning True."""

@@ -6,9 +6,9 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tracer.bpf_session import KernelFacts, TraceOptions, TraceSession
 from tracer.events import Event, Kind

@@ -109,9 +109,9 @@ class Prometheus:
             try:
                 http_get(self.url + "/-/ready", timeout=2)
                 break
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prometheus did not start: {self.output()}")
+                    raise RuntimeError(f"prometheus did not start: {self.output()}") from exc
                 time.sleep(0.3)
 
     def output(self) -> str:

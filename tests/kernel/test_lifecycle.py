@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.events import F_REUSED, Kind, lost_total
 from tests.kernel.family import FamilyRun, run_family
+from tracer.events import F_REUSED, Kind, lost_total
 
 # The family end to end is also what the guests' auto pass runs (with the
 # check tests): the automatic choice, proven on a real workload.

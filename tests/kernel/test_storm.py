@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_workload

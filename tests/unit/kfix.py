@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ def _file(series: str, name: str) -> Path:
     return p
 
 
-@lru_cache(maxsize=None)
+@cache
 def btf_text(series: str) -> str:
     return _file(series, "btf.json").read_text()
 
@@ -54,7 +54,7 @@ def btf_types(series: str) -> list[dict]:
     return json.loads(btf_text(series))["types"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def kallsyms_text(series: str) -> str:
     return _file(series, "kallsyms.txt").read_text()
 

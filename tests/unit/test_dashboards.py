@@ -139,7 +139,8 @@ def test_process_variables():
     assert v["datasource"]["type"] == "datasource" and v["datasource"]["query"] == "prometheus"
     assert v["instance"]["query"] == "label_values(anontrace_build_info, instance)"
     assert v["instance"]["multi"] is False and v["instance"]["includeAll"] is False
-    assert v["pid"]["query"] == 'label_values(anontrace_process_anon_vmas{instance=~"$instance"}, pid)'
+    assert v["pid"]["query"] == (
+        'label_values(anontrace_process_anon_vmas{instance=~"$instance"}, pid)')
     assert v["family"]["query"] == (
         'label_values(anontrace_family_anon_vmas{instance=~"$instance"}, family)')
     for name in ("instance", "pid", "family"):
@@ -249,10 +250,11 @@ def test_overview_has_the_documented_panels():
     assert "histogram_quantile(0.5," in all_exprs and "histogram_quantile(0.99," in all_exprs
     assert any(p["type"] == "heatmap" and p["targets"][0]["format"] == "heatmap"
                for p in by_title.values())
+    series_exprs = [t["expr"] for p in by_type["timeseries"] for t in p["targets"]]
     for needle in ("anontrace_anon_vmas", "anontrace_anon_vma_chains",
                    "anontrace_orphaned_anon_vmas", "anontrace_tracked_processes",
                    "anontrace_lost_events_total"):
-        assert any(needle + "{" in t["expr"] for p in by_type["timeseries"] for t in p["targets"]), needle
+        assert any(needle + "{" in e for e in series_exprs), needle
 
     top = by_title["Top processes"]
     assert top["type"] == "table"

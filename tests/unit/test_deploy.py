@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracer.config import parse_config, parse_listen
-
 from tests.unit.promtool import promtool
+from tracer.config import parse_config, parse_listen
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

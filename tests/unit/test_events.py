@@ -10,8 +10,17 @@ from hypothesis import strategies as st
 
 from tests.unit import kfix
 from tracer.event_view import format_event, header
-from tracer.events import (F_REUSED, WIRE, Event, Kind, Site, copy_event, decode,
-                           decode_records, event_from_dict)
+from tracer.events import (
+    F_REUSED,
+    WIRE,
+    Event,
+    Kind,
+    Site,
+    copy_event,
+    decode,
+    decode_records,
+    event_from_dict,
+)
 
 U64 = st.integers(0, 2**64 - 1)
 U32 = st.integers(0, 2**32 - 1)

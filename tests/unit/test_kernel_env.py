@@ -6,8 +6,15 @@ from pathlib import Path
 import pytest
 
 from tests.unit import kfix
-from tracer.kernel_env import (Kallsyms, KernelEnv, KernelEnvError, read_lockdown,
-                               slab_object_size, tracepoint_fields, tracepoint_format)
+from tracer.kernel_env import (
+    Kallsyms,
+    KernelEnv,
+    KernelEnvError,
+    read_lockdown,
+    slab_object_size,
+    tracepoint_fields,
+    tracepoint_format,
+)
 from tracer.probes import KMEM_SITES
 
 SAMPLE = """\

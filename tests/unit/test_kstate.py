@@ -22,7 +22,7 @@ C_TYPES = {"u64": 8, "u32": 4, "s64": 8, "char": 1}
 def _c_fields(name: str) -> list[tuple[str, int, int]]:
     """(type, count, size) of each member of ``struct name`` in the C file."""
     text = MAIN_PROGRAM.read_text()
-    m = re.search(r"struct %s \{(.*?)\n\};" % name, text, re.S)
+    m = re.search(r"struct " + re.escape(name) + r" \{(.*?)\n\};", text, re.S)
     assert m, f"struct {name} not found in {MAIN_PROGRAM.name}"
     out = []
     for line in m.group(1).splitlines():

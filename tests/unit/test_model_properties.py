@@ -8,8 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.model_streams import FAMILY_STREAMS, model_stream
-from tracer.events import F_CHAIN_TRUNCATED, F_DEFERRED, F_DEPTH_TRUNCATED, F_REUSED, \
-    F_SYNTHETIC, F_THREAD, Event, Kind, Site
+from tracer.events import (
+    F_CHAIN_TRUNCATED,
+    F_DEFERRED,
+    F_DEPTH_TRUNCATED,
+    F_REUSED,
+    F_SYNTHETIC,
+    F_THREAD,
+    Event,
+    Kind,
+    Site,
+)
 from tracer.model import Model
 from tracer.report import build_report
 
@@ -170,7 +179,7 @@ def test_real_streams_with_events_dropped_or_garbage_inserted(stream, data) -> N
     evs = model_stream(*stream)
     keep = data.draw(st.lists(st.booleans(), min_size=len(evs), max_size=len(evs)))
     junk = data.draw(st.lists(st.tuples(st.integers(0, len(evs)), events()), max_size=10))
-    seq = [("apply", e) for e, k in zip(evs, keep) if k]
+    seq = [("apply", e) for e, k in zip(evs, keep, strict=True) if k]
     for pos, e in sorted(junk, key=lambda t: -t[0]):
         seq.insert(min(pos, len(seq)), ("apply", e))
     m = Model()

@@ -8,8 +8,17 @@ import pytest
 from tests.unit import kfix
 from tracer.btf import Btf, BtfError
 from tracer.kernel_env import Kallsyms
-from tracer.probes import (BACKENDS, KMEM_SITES, LOGICAL_PROBES, RMAP_CANDIDATES, Plan,
-                           RmapArgs, kmem_sites, plan_backend, rmap_args)
+from tracer.probes import (
+    BACKENDS,
+    KMEM_SITES,
+    LOGICAL_PROBES,
+    RMAP_CANDIDATES,
+    Plan,
+    RmapArgs,
+    kmem_sites,
+    plan_backend,
+    rmap_args,
+)
 
 CORE = LOGICAL_PROBES[:3]
 EXPECTED_METHODS = {

@@ -9,12 +9,27 @@ from typing import Any
 import pytest
 
 from tests.unit import kfix
-from tests.unit.model_streams import (FAMILY_STREAMS, first_teardown, model_stream, pack,
-                                      pack_all, raw_events)
+from tests.unit.model_streams import (
+    FAMILY_STREAMS,
+    first_teardown,
+    model_stream,
+    pack,
+    pack_all,
+    raw_events,
+)
 from tracer.errors import AnontraceError
 from tracer.events import WIRE, Event, Kind, Site
-from tracer.recording import (END, EVENTS, FORMAT_VERSION, FRAME, MAGIC, TICK,
-                              RecordingError, RecordingReader, RecordingWriter)
+from tracer.recording import (
+    END,
+    EVENTS,
+    FORMAT_VERSION,
+    FRAME,
+    MAGIC,
+    TICK,
+    RecordingError,
+    RecordingReader,
+    RecordingWriter,
+)
 from tracer.runner import Tracker, run_replay
 
 HEADER = {"kernel": "6.12.117+deb12-amd64", "backend": "fentry", "transport": "ringbuf",
