@@ -22,7 +22,16 @@ from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSiz
 from tracer.btf import Btf, BtfError, load_btf
 from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import LOSS_COUNTERS, WIRE, Event, Kind, Site, decode_records, lost_total
+from tracer.events import (
+    LOSS_COUNTERS,
+    WIRE,
+    Event,
+    Kind,
+    Site,
+    decode_records,
+    lost_total,
+    pack_record,
+)
 from tracer.headers import Headers, HeadersError, find_headers
 from tracer.kernel_env import (
     Kallsyms,
@@ -597,6 +606,17 @@ class TraceSession:
         out["recursion_misses"] = self._recursion_misses()
         return out
 
+    def program_ids(self) -> list[int]:
+        """Kernel ids of the loaded programs (from each program fd's fdinfo)."""
+        out = []
+        for fn in list(getattr(self._bpf, "funcs", {}).values()):
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    out += [int(line.split()[1]) for line in f if line.startswith("prog_id:")]
+            except (OSError, ValueError, AttributeError):
+                continue
+        return sorted(out)
+
     def _recursion_misses(self) -> int:
         """Program runs the kernel skipped because the program was already
         running on that CPU (bpf_prog_info.recursion_misses, v5.12+), read
@@ -754,12 +774,7 @@ def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:
 
 def _census_marker(ts: int) -> bytes:
     """The record that says a census is complete (vma == 0)."""
-    fields: list[int | bytes] = [0] * 24
-    fields[0] = ts
-    fields[13] = int(Kind.CENSUS_VMA)
-    fields[21] = int(Site.NONE)
-    fields[23] = b"census"
-    return WIRE.pack(*fields)
+    return pack_record(ts=ts, kind=int(Kind.CENSUS_VMA), site=int(Site.NONE), comm=b"census")
 
 
 @contextlib.contextmanager

@@ -141,6 +141,14 @@ class Btf:
             raise BtfError(f"struct {struct} has no member {member!r} in this kernel's BTF")
         return found
 
+    def members(self, struct: str) -> list[Member]:
+        """The direct members of ``struct``, in order."""
+        out = []
+        for m in self._struct(struct).get("members", []):
+            bits = int(m.get("bits_offset", 0))
+            out.append(Member(m.get("name", ""), bits // 8, self.type_size(m["type_id"])))
+        return out
+
     def _struct(self, name: str) -> dict[str, Any]:
         t = self._structs.get(name)
         if t is None:
@@ -222,17 +230,30 @@ class Btf:
                 for p in proto.get("params", [])]
 
 
+def _bpftool(bpftool: str | None) -> str:
+    tool = bpftool or shutil.which("bpftool") or next(
+        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
+    if tool is None:
+        raise BtfError("bpftool not found: install Debian's 'bpftool' package")
+    return tool
+
+
+def _dump(args: list[str], what: str, bpftool: str | None) -> Btf:
+    proc = subprocess.run([_bpftool(bpftool), "-j", "btf", "dump", *args],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BtfError(f"bpftool could not read {what}: {proc.stderr.strip()}")
+    return Btf.from_json(proc.stdout)
+
+
 def load_btf(path: Path = DEFAULT_BTF_PATH, bpftool: str | None = None) -> Btf:
     """Decode a kernel's BTF with bpftool."""
     if not path.exists():
         raise BtfError(f"{path} does not exist: the kernel was built without "
                        "CONFIG_DEBUG_INFO_BTF, which anontrace needs for struct offsets")
-    tool = bpftool or shutil.which("bpftool") or next(
-        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
-    if tool is None:
-        raise BtfError("bpftool not found: install Debian's 'bpftool' package")
-    proc = subprocess.run([tool, "-j", "btf", "dump", "file", str(path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise BtfError(f"bpftool could not read {path}: {proc.stderr.strip()}")
-    return Btf.from_json(proc.stdout)
+    return _dump(["file", str(path)], str(path), bpftool)
+
+
+def load_btf_id(btf_id: int, bpftool: str | None = None) -> Btf:
+    """Decode a BTF object loaded in the kernel (a BPF program's own types)."""
+    return _dump(["id", str(btf_id)], f"BTF id {btf_id}", bpftool)

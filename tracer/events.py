@@ -1,6 +1,10 @@
 """Decoded anontrace events.
 
-The wire format mirrors ``struct event`` in bpf_programs/anontrace.bpf.c.
+The wire format is ``struct event`` in bpf_programs/anontrace_common.h;
+WIRE_FIELDS is its only description on this side (tests/kernel/
+test_wire_format.py checks it against the loaded program's BTF, and
+tests/unit/test_events.py the kinds, sites, flags and loss counters against
+the header's definitions).
 """
 from __future__ import annotations
 
@@ -51,7 +55,37 @@ LOGICAL_KINDS = {
     Kind.PAGE_SET_ANON_RMAP: "page_set_anon_rmap",
 }
 
-WIRE = struct.Struct("<13Q5Ii4I16s")
+# struct event, member by member: (name, struct format code), in order.
+WIRE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("ts", "Q"), ("mm", "Q"), ("cur_mm", "Q"), ("vma", "Q"), ("vm_start", "Q"),
+    ("vm_end", "Q"), ("anon_vma", "Q"), ("parent", "Q"), ("root", "Q"), ("aux", "Q"),
+    ("aux2", "Q"), ("num_children", "Q"), ("num_active_vmas", "Q"),
+    ("kind", "I"), ("tgid", "I"), ("tid", "I"), ("depth", "I"), ("chain_len", "I"),
+    ("ret", "i"), ("pid2", "I"), ("tid2", "I"), ("site", "I"), ("flags", "I"),
+    ("comm", "16s"),
+)
+WIRE = struct.Struct("<" + "".join(code for _, code in WIRE_FIELDS))
+_FIELD_INDEX = {name: i for i, (name, _) in enumerate(WIRE_FIELDS)}
+_KIND_I, _SITE_I, _COMM_I = _FIELD_INDEX["kind"], _FIELD_INDEX["site"], _FIELD_INDEX["comm"]
+
+
+def wire_layout() -> list[tuple[str, int, int]]:
+    """(name, byte offset, byte size) of every member of struct event."""
+    out, offset = [], 0
+    for name, code in WIRE_FIELDS:
+        size = struct.calcsize("<" + code)
+        out.append((name, offset, size))
+        offset += size
+    return out
+
+
+def pack_record(**values: int | bytes) -> bytes:
+    """One wire record; members not given are 0 (comm: empty)."""
+    unknown = set(values) - set(_FIELD_INDEX)
+    if unknown:
+        raise TypeError(f"struct event has no member {sorted(unknown)[0]!r}")
+    return WIRE.pack(*(values.get(name, b"" if code.endswith("s") else 0)
+                       for name, code in WIRE_FIELDS))
 LOSS_COUNTERS = ("output_full", "kprobe_args_full", "exit_without_entry",
                  "pending_full", "filter_full")
 # Counted and shown, but not proof of a lost traced event: a skipped program
@@ -151,14 +185,14 @@ def decode(data: bytes | memoryview) -> Event:
     if len(data) < WIRE.size:
         raise ValueError(f"event record of {len(data)} bytes, expected {WIRE.size}")
     f = WIRE.unpack_from(data)
-    kind, site = _KIND_OF.get(f[13]), _SITE_OF.get(f[21])
+    kind, site = _KIND_OF.get(f[_KIND_I]), _SITE_OF.get(f[_SITE_I])
     if kind is None or site is None:
         try:
-            Kind(f[13]), Site(f[21])
+            Kind(f[_KIND_I]), Site(f[_SITE_I])
         except ValueError as exc:
             raise ValueError(f"unknown event kind or site: {exc}") from exc
     fields = list(f)
-    fields[13], fields[21], fields[23] = kind, site, _comm(f[23])
+    fields[_KIND_I], fields[_SITE_I], fields[_COMM_I] = kind, site, _comm(f[_COMM_I])
     return Event(*fields)
 
 

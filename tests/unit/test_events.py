@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
-import struct
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit import kfix
+from tracer import events
+from tracer.bpf_source import BPF_DIR
 from tracer.event_view import format_event, header
 from tracer.events import (
     F_REUSED,
+    LOSS_COUNTERS,
     WIRE,
     Event,
     Kind,
@@ -20,6 +23,7 @@ from tracer.events import (
     decode,
     decode_records,
     event_from_dict,
+    pack_record,
 )
 
 U64 = st.integers(0, 2**64 - 1)
@@ -27,25 +31,16 @@ U32 = st.integers(0, 2**32 - 1)
 
 
 def pack(**kw) -> bytes:
-    """A record laid out like struct event in bpf_programs/anontrace.bpf.c,
-    packed field by field (independently of WIRE)."""
-    q = [kw.get(k, 0) for k in ("ts", "mm", "cur_mm", "vma", "vm_start", "vm_end", "anon_vma",
-                                "parent", "root", "aux", "aux2", "num_children",
-                                "num_active_vmas")]
-    head = struct.pack("<13Q", *q)
-    mid = struct.pack("<5I", kw.get("kind", 1), kw.get("tgid", 0), kw.get("tid", 0),
-                      kw.get("depth", 0), kw.get("chain_len", 0))
-    ret = struct.pack("<i", kw.get("ret", 0))
-    tail = struct.pack("<4I", kw.get("pid2", 0), kw.get("tid2", 0), kw.get("site", 0),
-                       kw.get("flags", 0))
-    comm = kw.get("comm", b"").ljust(16, b"\0")
-    return head + mid + ret + tail + comm
+    """A record with kind ANON_VMA_FORK unless given (the layout itself is
+    checked against the compiled program: tests/kernel/test_wire_format.py)."""
+    kw.setdefault("kind", 1)
+    return pack_record(**kw)
 
 
-def test_wire_size_matches_c_struct() -> None:
+def test_wire_size_has_no_padding() -> None:
     # 13 u64, 5 u32, s32, 4 u32, char[16]: 160 bytes, no padding
     assert WIRE.size == 13 * 8 + 5 * 4 + 4 + 4 * 4 + 16 == 160
-    assert len(pack()) == WIRE.size
+    assert [o for _, o, _ in events.wire_layout()][-1] + 16 == WIRE.size
 
 
 def test_decode_every_field() -> None:
@@ -172,3 +167,42 @@ def test_copy_event_is_equal_and_independent(series: str, backend: str) -> None:
         assert dup == ev and dup is not ev
         dup.kind, dup.aux = Kind.SYNC, ev.aux + 1
         assert ev.to_dict() == d
+
+
+def _header_defines(prefix: str) -> dict[str, int]:
+    text = (BPF_DIR / "anontrace_common.h").read_text()
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(rf"^#define {prefix}(\w+) (\d+)\b", text, re.M)}
+
+
+def test_kinds_sites_and_flags_match_the_header() -> None:
+    assert _header_defines("K_") == {k.name: k.value for k in Kind}
+    assert _header_defines("S_") == {s.name: s.value for s in Site if s is not Site.NONE}
+    c_flags = _header_defines("F_")
+    py_flags = {name[2:]: value for name, value in vars(events).items()
+                if name.startswith("F_") and isinstance(value, int)}
+    assert c_flags and c_flags.items() <= py_flags.items(), (c_flags, py_flags)
+    # Flags only user space sets must not collide with the kernel's.
+    user_only = set(py_flags) - set(c_flags)
+    assert user_only == {"REUSED", "SYNTHETIC"}
+    kernel_bits = 0
+    for v in c_flags.values():
+        kernel_bits |= v
+    assert all(py_flags[n] & kernel_bits == 0 for n in user_only)
+
+
+def test_loss_counters_match_the_header() -> None:
+    c = _header_defines("C_LOST_")
+    by_index = {"OUTPUT": "output_full", "ARGS": "kprobe_args_full",
+                "NO_ENTRY": "exit_without_entry", "PENDING": "pending_full",
+                "FILTER": "filter_full"}
+    assert set(c) == set(by_index), c
+    assert [by_index[n] for n, _ in sorted(c.items(), key=lambda kv: kv[1])] == \
+        list(LOSS_COUNTERS)
+    assert _header_defines("NR_")["COUNTERS"] == len(LOSS_COUNTERS)
+
+
+def test_pack_record_names_unknown_members() -> None:
+    with pytest.raises(TypeError, match="no member 'nope'"):
+        pack_record(nope=1)
+    assert decode(pack_record(kind=int(Kind.SYNC), tgid=7, comm=b"x")).tgid == 7
