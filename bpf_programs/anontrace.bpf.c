@@ -972,8 +972,35 @@ static __always_inline void close_run(struct pending *p, int fork_follows)
 }
 
 // A deferred chain-entry allocation: its facts are final now.
-static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, u64 avc)
+// ``superseded``: a fork-site entry for the same VMA follows (or, since the
+// 7.0 rework, is held), whose apply will take the VMA's final state; this
+// clone-site entry then only counts its run. Applying it too would move the
+// VMA through a chain length it keeps for microseconds, at several map
+// updates: under a fork storm that was half of what the state cost.
+static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, u64 avc,
+                                        int superseded)
 {
+#if defined(WITH_STATE) && !defined(WITH_EVENTS)
+    if (superseded && site == S_CLONE) {
+        // No event to build: the entry's VMA and that VMA's mm are enough.
+        int zero = 0;
+        struct work *w = scratch.lookup(&zero);
+        if (!w)
+            return;
+        u64 anon_vma;
+        u64 vma = read_avc(&w->e, avc, &anon_vma);
+        if (vma && vma != p->grp_vma) {
+            close_run(p, 0);
+            p->grp_vma = vma;
+            u64 mm = rd64(vma + OFF_VMA_MM);
+            u64 cur = rd64((u64)bpf_get_current_task() + OFF_TASK_MM);
+            if (mm && cur && mm != cur)
+                p->grp_mm = mm;
+            st_count(mm_get(mm, 1), K_ANON_VMA_CLONE - K_ANON_VMA_FORK);
+        }
+        return;
+    }
+#endif
     struct event *e = avc_event(K_AVC_ALLOC, site, avc, F_DEFERRED);
     if (!e)
         return;
@@ -990,15 +1017,26 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
     } else if (site == S_FORK) {
         probe = 0;
     }
-    st_apply_vma(e, probe, 0);
+    if (superseded && site == S_CLONE)
+        st_count(mm_get(e->mm, 1), probe);
+    else
+        st_apply_vma(e, probe, 0);
 #endif
     submit(ctx, e);
 }
 
-static __always_inline void flush_clone(void *ctx, struct pending *p)
+// A pending clone-site entry is flushed. ``fork_next``: the allocation
+// that flushes it is fork-site (before the 7.0 rework anon_vma_fork
+// allocates its own entry right after cloning).
+static __always_inline void flush_clone(void *ctx, struct pending *p, int fork_next)
 {
+#ifdef FORK_ALLOCATES_FIRST
+    int superseded = p->fork_avc != 0;
+#else
+    int superseded = fork_next;
+#endif
     if (p->clone_avc)
-        derived_avc(ctx, p, S_CLONE, p->clone_avc);
+        derived_avc(ctx, p, S_CLONE, p->clone_avc, superseded);
     p->clone_avc = 0;
 }
 
@@ -1015,7 +1053,7 @@ static __always_inline void flush_fork(void *ctx, struct pending *p)
     if (p->fork_av)
         emit_av_alloc(ctx, S_FORK, p->fork_av);
     if (p->fork_avc)
-        derived_avc(ctx, p, S_FORK, p->fork_avc);
+        derived_avc(ctx, p, S_FORK, p->fork_avc, 0);
     p->fork_av = 0;
     p->fork_avc = 0;
 }
@@ -1025,7 +1063,7 @@ static __always_inline void flush_prep(void *ctx, struct pending *p)
     if (p->prep_av)
         emit_av_alloc(ctx, S_PREPARE, p->prep_av);
     if (p->prep_avc)
-        derived_avc(ctx, p, S_PREPARE, p->prep_avc);
+        derived_avc(ctx, p, S_PREPARE, p->prep_avc, 0);
     p->prep_av = 0;
     p->prep_avc = 0;
 }
@@ -1043,7 +1081,7 @@ static __always_inline int flush_all(void *ctx)
     struct pending *p = pending_get(0);
     if (!p || !p->live)
         return 0;
-    flush_clone(ctx, p);
+    flush_clone(ctx, p, 0);
     close_run(p, 0);
     flush_fork(ctx, p);
     flush_prep(ctx, p);
@@ -1057,7 +1095,7 @@ static __always_inline void derive_alloc(void *ctx, u32 site, int is_av, u64 ptr
     if (!p)
         return;
     p->live = 1;
-    flush_clone(ctx, p);
+    flush_clone(ctx, p, site == S_FORK);
     if (site == S_CLONE) {
 #ifndef FORK_ALLOCATES_FIRST
         if (fork_done(p))
@@ -1216,7 +1254,10 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 #if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
     emit_avc(ctx, K_AVC_FREE, site, ptr, 0);
 #endif
-#ifdef DERIVE_FROM_KMEM
+#if defined(DERIVE_FROM_KMEM) && defined(WITH_EVENTS)
+    // User space groups the unlink's frees and needs to hear when it ends
+    // (K_SYNC). The state needs no pending entry for it: creating one per
+    // exiting task cost a task-storage allocation under a fork storm.
     if (site == S_UNLINK) {
         struct pending *p = pending_get(1);
         if (p) {
