@@ -18,7 +18,8 @@ Inside the guest:
   ``/lib/modules/$(uname -r)/build`` resolves to the installed headers;
 * ``PATH`` is not the host's (no pyenv shims, no venv): use absolute
   interpreter paths, e.g. ``/usr/bin/python3`` (has BCC) or
-  ``/work/main/.venv/bin/python`` (has drgn).
+  the checkout's ``.venv/bin/python`` (has drgn; the guest starts in the
+  checkout).
 
 Each boot costs about 20-40 s under TCG.  KVM is never used: ``/dev/kvm``
 exists on the CI machines but KVM guests hang at boot.

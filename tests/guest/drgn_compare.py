@@ -4,7 +4,7 @@
 Runs inside the Debian 6.12 guest as root, with the venv's interpreter (drgn
 lives there; the venv sees BCC through --system-site-packages)::
 
-    /work/main/.venv/bin/python tests/guest/drgn_compare.py \
+    .venv/bin/python tests/guest/drgn_compare.py \
         [--methods fentry,kprobe] [--runs 10] [--workload forkchain|splits] \
         [--regions 3] [--generations 5] [--pages 32] [--interval 1] [--reports 3] \
         [--go-delay SECS] [--record-dir DIR [--keep-recordings]] [--tree DIR]

@@ -4,7 +4,7 @@
 Runs inside the 6.12 guest as root with the venv's interpreter (drgn lives
 there; guest PATH has no venv)::
 
-    /work/main/.venv/bin/python tests/guest/drgn_walk.py \
+    .venv/bin/python tests/guest/drgn_walk.py \
         --vmlinux /var/cache/anontrace/vmlinux-$(uname -r) --pid 123 [--pid 456] [--json]
 
 drgn needs the DWARF vmlinux from scripts/fetch-dbg-vmlinux.sh; BTF alone is
