@@ -75,7 +75,7 @@ Examples::
     sudo .venv/bin/python bench/fork_overhead.py --variants untraced,bpftrace,serve,cmd
     # inside the 6.12 guest (TCG is about 10x slower)
     .venv/bin/python tests/guest/boot.py --kernel 6.12 --timeout 1200 -- \\
-        '/work/main/.venv/bin/python bench/fork_overhead.py --backend fentry --rounds 3'
+        '.venv/bin/python bench/fork_overhead.py --backend fentry --rounds 3'
 
 With ``--bpf-stats`` the kernel's BPF run-time statistics are switched on
 (sysctl kernel.bpf_stats_enabled, which itself adds a little cost) and the
