@@ -356,8 +356,8 @@ def _result(rnd: int, variant: str, done: dict[str, Any]) -> RunResult:
 
 def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
                info: dict[str, Any]) -> RunResult:
-    from tracer.bpf_session import TraceOptions, TraceSession
-    from tracer.events import lost_total
+    from tracer.format.events import lost_total
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
 
     wl = Workload(args.seconds, args.regions, args.pages)
     stats = BpfStats() if args.bpf_stats else None
@@ -416,7 +416,7 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     res.records = records
     res.lost = lost
     # Certain losses only, as the tool counts them: recursion misses are
-    # system-wide maybe-losses (tracer.events.MAYBE_LOST), kept in res.lost.
+    # system-wide maybe-losses (tracer.format.events.MAYBE_LOST), kept in res.lost.
     res.lost_total = lost_total(lost)
     res.consumer_cpu_s = cs.cpu_s
     res.consumer_wall_s = cs.wall_s
@@ -453,7 +453,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }
 
 def run_empty(rnd: int, args: argparse.Namespace, facts: Any) -> RunResult:
     """The tracepoint backend's hooks with do-nothing programs."""
-    from tracer.bpf_session import import_bcc
+    from tracer.kernel.bpf_session import import_bcc
 
     facts.headers.apply()
     bcc = import_bcc()
@@ -477,7 +477,7 @@ def run_empty(rnd: int, args: argparse.Namespace, facts: Any) -> RunResult:
 # After a tracer says it is ready, before the clock starts: its last attach
 # calls complete (bpftrace prints "Attaching" before it attaches).
 SETTLE_S = 0.2
-# serve refreshes its lost counter every 2 s (HOUSEKEEPING_S, tracer/serve.py):
+# serve refreshes its lost counter every 2 s (HOUSEKEEPING_S, exporters/daemon.py):
 # the counter must stay still longer than that to say the losses are in.
 SERVE_QUIET_S = 2.5
 EVENTS_SERIES = "anontrace_events_total"
@@ -1142,8 +1142,8 @@ def prepare(args: argparse.Namespace, info: dict[str, Any]) -> Any:
         args.bpftrace_program = info["bpftrace_program"] = pick_bpftrace_program(path)
     if not wanted & set(IN_PROCESS):
         return None
-    from tracer.bpf_session import read_kernel_facts
-    from tracer.kernel_env import KernelEnv
+    from tracer.kernel.bpf_session import read_kernel_facts
+    from tracer.kernel.kernel_env import KernelEnv
     return read_kernel_facts(KernelEnv())
 
 

@@ -13,7 +13,7 @@ The stream looks like a fentry recording: kernel pointers in the direct map
 each VMA's anon_vma child of the parent process's anon_vma for the same VMA
 (depth = generation + 1, root = generation 0's), PROC_FORK after the fork's
 ANON_VMA_FORK events, like the kernel. Events go through the wire decoder
-(tracer.events.decode), so the model keeps exactly the objects a replay
+(tracer.format.events.decode), so the model keeps exactly the objects a replay
 would give it.
 
 Two passes, each in a fresh interpreter:
@@ -23,7 +23,7 @@ Two passes, each in a fresh interpreter:
                    breakdown by allocating source line, plus a size
                    breakdown (sys.getsizeof of the model's dicts, ``array``
                    columns and the int objects they hold; reads the model's
-                   private storage, see tracer/model.py).
+                   private storage, see tracer/model/hierarchy.py).
 
 Examples::
 
@@ -48,8 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracer.events import WIRE, Event, Kind, decode  # noqa: E402
-from tracer.model import Model  # noqa: E402
+from tracer.format.events import WIRE, Event, Kind, decode  # noqa: E402
+from tracer.model.hierarchy import Model  # noqa: E402
 
 TARGET = 250
 LAUNCHER_PID = 1000

@@ -7,7 +7,7 @@ family and times three stages over it:
 * ``decode``: ``RecordingReader.frames()`` alone (wire records -> Events);
 * ``apply``:  decode + ``Model.apply`` for every event (the fentry/kprobe
               path: no Deriver);
-* ``replay``: ``tracer.runner.run_replay`` end to end with a no-op emit
+* ``replay``: ``tracer.commands.runner.run_replay`` end to end with a no-op emit
               (reports at every TICK frame, the final report, and the
               Deriver when the recording's backend is ``tracepoint``).
 
@@ -50,9 +50,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracer.events import WIRE, Kind, Site  # noqa: E402
-from tracer.model import Model  # noqa: E402
-from tracer.recording import EVENTS, RecordingReader, RecordingWriter  # noqa: E402
+from tracer.format.events import WIRE, Kind, Site  # noqa: E402
+from tracer.model.hierarchy import Model  # noqa: E402
+from tracer.pipeline.recording import EVENTS, RecordingReader, RecordingWriter  # noqa: E402
 
 TARGET = 500_000
 LAUNCHER_PID = 1000
@@ -238,7 +238,7 @@ def stage_apply(path: Path) -> int:
 
 
 def stage_replay(path: Path) -> int:
-    from tracer.runner import run_replay  # here: the other stages need no runner
+    from tracer.commands.runner import run_replay  # here: the other stages need no runner
 
     reports = []
     try:

@@ -74,7 +74,7 @@ class Serve:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/metrics"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracer.cli", "serve", "--listen", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "tracer", "serve", "--listen", f"127.0.0.1:{self.port}"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while True:

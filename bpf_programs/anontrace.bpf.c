@@ -2,7 +2,7 @@
 //
 // anontrace: anon_vma lifecycle events.
 //
-// Compiled by BCC with -D definitions from tracer/bpf_source.py (the only
+// Compiled by BCC with -D definitions from tracer/kernel/bpf_source.py (the only
 // place that parameterises this file). Struct member offsets come from the
 // running kernel's BTF (OFF_* macros): this file never dereferences a kernel
 // struct through the headers BCC compiles with, because on header-less hosts
@@ -58,7 +58,7 @@ static __always_inline int wanted(void)
 // With WITH_STATE the programs keep, in maps, every figure the reports and
 // /metrics give (README "Definitions"), and user space reads the maps when it
 // reports or is scraped: no VMA operation crosses to user space. Layouts are
-// mirrored in tracer/kstate.py (checked by a unit test against this file).
+// mirrored in tracer/kernel/kstate.py (checked by a unit test against this file).
 #ifdef WITH_STATE
 #define NB 64              // histogram bins: 0..NB-2 exact, NB-1 = "NB-1 or more"
 #define NO_PROBE 4
@@ -878,7 +878,7 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 // entry right after allocating it), a free, the end of fork
 // (sched_process_fork), a syscall exit, or task exit. Facts are read then.
 //
-// The logical probes are rebuilt from those allocations (tracer/derive.py
+// The logical probes are rebuilt from those allocations (tracer/pipeline/derive.py
 // does the same from the event stream, for recordings; both must agree):
 //   clone-site entries for one VMA, in a row  -> one anon_vma_clone
 //   a fork-site entry                         -> one anon_vma_fork

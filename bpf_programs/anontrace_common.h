@@ -2,7 +2,7 @@
 //
 // What anontrace.bpf.c (the tracer) and census.bpf.c (the VMA census) share:
 // the event record and the reads that fill it. Member offsets are the OFF_*
-// macros from tracer/bpf_source.py (BTF of the running kernel).
+// macros from tracer/kernel/bpf_source.py (BTF of the running kernel).
 #ifndef ANONTRACE_COMMON_H
 #define ANONTRACE_COMMON_H
 
@@ -86,7 +86,7 @@ static __always_inline u64 rd(u64 addr, u32 size)
 #define rd64(a) rd((a), 8)
 
 // Each struct is read with one bpf_probe_read_kernel() of the byte range
-// that covers the members we need (SPAN_*: tracer/layout.py); a fork makes
+// that covers the members we need (SPAN_*: tracer/kernel/layout.py); a fork makes
 // dozens of events and each helper call costs more than the bytes it copies.
 struct spans {
     u8 vma[SPAN_VMA_LEN];

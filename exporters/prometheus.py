@@ -20,7 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporters.metrics_spec import BY_NAME, DEPTH_BUCKETS, METRICS, PROBES
 from exporters.view import Snapshot
-from tracer.kstate import MAP_NAMES
+from tracer.kernel.kstate import MAP_NAMES
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import yaml
 
+from exporters.config import GrowthConfig
 from exporters.metrics_spec import BY_NAME
 
 # How long a detached probe or an unreachable exporter must last before it
@@ -52,23 +52,6 @@ PROBE_HISTORY = "7d"
 # "anontrace" and "anontrace-kubernetes"; the ServiceMonitor's job is the
 # Service name, "anontrace".
 ANONTRACE_JOB_RE = "anontrace.*"
-
-
-class GrowthSettings(Protocol):
-    """What render_rules reads; tracer.config.GrowthConfig has these fields."""
-
-    @property
-    def window_seconds(self) -> float: ...
-    @property
-    def for_seconds(self) -> float: ...
-    @property
-    def min_depth_increase(self) -> int: ...
-    @property
-    def min_family_anon_vmas_increase(self) -> int: ...
-    @property
-    def min_orphaned_increase(self) -> int: ...
-    @property
-    def min_host_anon_vmas_increase(self) -> int: ...
 
 
 # --- Prometheus durations ------------------------------------------------------
@@ -149,7 +132,7 @@ class _Durations:
     for_: str
 
     @classmethod
-    def of(cls, growth: GrowthSettings) -> _Durations:
+    def of(cls, growth: GrowthConfig) -> _Durations:
         w = growth.window_seconds
         f = growth.for_seconds
         if not (_is_number(f) and f >= 0):
@@ -198,7 +181,7 @@ def _growth_records(level: str, metric: str, d: _Durations) -> tuple[Record, Rec
             Record(f"{level}:{metric}:steady_rise_window", _steady_rise(metric, d)))
 
 
-def rule_names(growth: GrowthSettings) -> dict[str, list[str]]:
+def rule_names(growth: GrowthConfig) -> dict[str, list[str]]:
     """{"record": [...], "alert": [...]}: every rule name render_rules emits."""
     out: dict[str, list[str]] = {"record": [], "alert": []}
     for group in build_groups(growth):
@@ -225,7 +208,7 @@ _FAMILY_CHECK = (
     "`anontrace replay` later.")
 
 
-def build_groups(growth: GrowthSettings) -> tuple[Group, ...]:
+def build_groups(growth: GrowthConfig) -> tuple[Group, ...]:
     """The rule groups for these growth settings (what render_rules prints)."""
     d = _Durations.of(growth)
     w = d.window
@@ -421,7 +404,7 @@ def _render_rule(rule: Record | Alert) -> list[str]:
             f"          description: {_quoted(rule.description)}"]
 
 
-def _header(growth: GrowthSettings, d: _Durations) -> list[str]:
+def _header(growth: GrowthConfig, d: _Durations) -> list[str]:
     return [
         "# Prometheus rules for anontrace serve: recording rules and growth alerts.",
         "#",
@@ -446,7 +429,7 @@ def _header(growth: GrowthSettings, d: _Durations) -> list[str]:
     ]
 
 
-def render_rules(growth: GrowthSettings) -> str:
+def render_rules(growth: GrowthConfig) -> str:
     """The Prometheus rule file (YAML text, ending in a newline) for `growth`.
 
     The output is stable: the same settings always give the same text, so the

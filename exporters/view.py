@@ -1,7 +1,7 @@
 """What `anontrace serve` exports, computed from the model: totals, the
 top-K processes and the top-K families.
 
-Pure Python over :class:`tracer.model.Model` (no BPF, no HTTP), so it runs on
+Pure Python over :class:`tracer.model.hierarchy.Model` (no BPF, no HTTP), so it runs on
 recorded event streams in the unit tests. Series stay bounded: only the top-K
 processes and families get labelled series, whatever comes and goes.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tracer.kstate import KernelState, ProcRow
-from tracer.model import Model, Process
+from tracer.kernel.kstate import KernelState, ProcRow
+from tracer.model.hierarchy import Model, Process
 
 # What may appear in a comm label: printable ASCII and any non-control
 # character; the kernel takes any bytes a process writes to its comm.
@@ -62,8 +62,8 @@ class Snapshot:
 
 
 class Named(Protocol):
-    """What selection looks at: a live process (tracer.model.Process) or a
-    row read from the state maps (tracer.kstate.ProcRow)."""
+    """What selection looks at: a live process (tracer.model.hierarchy.Process) or a
+    row read from the state maps (tracer.kernel.kstate.ProcRow)."""
 
     @property
     def pid(self) -> int: ...
@@ -158,7 +158,7 @@ class TopView:
         self.note_exited([], now)   # bound what is kept
 
     def snapshot_state(self, state: KernelState, now: float) -> Snapshot:
-        """The figures to export from the state maps (tracer.kstate): the
+        """The figures to export from the state maps (tracer.kernel.kstate): the
         same ranking, expiry and bounds as :meth:`snapshot`."""
         live = {pid: r for pid, r in state.processes.items() if r.alive}
         self._expire(now, live)

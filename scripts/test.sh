@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. installs everything (scripts/install.sh --test),
-#   2. lint (ruff) and type checks (mypy), then unit tests (pure logic,
-#      recorded fixtures),
+#   2. lint (ruff), type checks (mypy) and the import layers (lint-imports),
+#      then unit tests (pure logic, recorded fixtures),
 #   3. kernel tests on the host kernel, per backend,
 #   4. kernel tests inside Debian's 6.1 and 6.12 kernels and sid's 7.2
 #      booted under QEMU, with fentry and kprobe forced and the automatic
@@ -41,13 +41,16 @@ run_pytest() {  # label, then pytest arguments
     [ "$rc" = 0 ] || status=1
 }
 
-echo "== lint (ruff) and types (mypy)"
+echo "== lint (ruff), types (mypy), layers (lint-imports)"
 "$repo/.venv/bin/ruff" check . 2>&1 | tee "$results/lint.log"
 lint_rc=${PIPESTATUS[0]}
 "$repo/.venv/bin/mypy" 2>&1 | tee -a "$results/lint.log"
 types_rc=${PIPESTATUS[0]}
-echo "lint: ruff status $lint_rc, mypy status $types_rc" | tee -a "$results/lint.log"
-[ "$lint_rc" = 0 ] && [ "$types_rc" = 0 ] || status=1
+"$repo/.venv/bin/lint-imports" 2>&1 | tee -a "$results/lint.log"
+layers_rc=${PIPESTATUS[0]}
+echo "lint: ruff status $lint_rc, mypy status $types_rc, lint-imports status $layers_rc" \
+    | tee -a "$results/lint.log"
+[ "$lint_rc" = 0 ] && [ "$types_rc" = 0 ] && [ "$layers_rc" = 0 ] || status=1
 
 echo "== unit tests"
 run_pytest unit tests/unit

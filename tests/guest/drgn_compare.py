@@ -10,7 +10,7 @@ lives there; the venv sees BCC through --system-site-packages)::
         [--go-delay SECS] [--record-dir DIR [--keep-recordings]] [--tree DIR]
 
 For every run it starts ``anontrace --json -i INTERVAL --backend METHOD --
-WORKLOAD`` (``python -m tracer.cli`` from this checkout) and builds a family
+WORKLOAD`` (``python -m tracer`` from this checkout) and builds a family
 of known shape:
 
 * ``forkchain REGIONS GENERATIONS touch``: it is sent its "g", and once every
@@ -249,7 +249,7 @@ def one_run(args: argparse.Namespace, prog: Any, bins: dict[str, Path], method: 
             index: int, scratch: Path) -> RunResult:
     res = RunResult(method, index)
     start = time.monotonic()
-    cli = [sys.executable, "-m", "tracer.cli"]
+    cli = [sys.executable, "-m", "tracer"]
     if args.record_dir:
         res.recording = Path(args.record_dir) / f"{method}-{index}.atr"
         cli += ["record", "-o", str(res.recording)]
@@ -354,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to wait before letting the workload build its shape "
                    "(forkchain's 'g', splits' byte), so that reports come in between")
     p.add_argument("--tree", default=str(REPO),
-                   help="checkout whose `python -m tracer.cli` runs (default: this one)")
+                   help="checkout whose `python -m tracer` runs (default: this one)")
     p.add_argument("--vmlinux", default=DEFAULT_VMLINUX, help="DWARF vmlinux for drgn")
     p.add_argument("--timeout", type=float, default=180.0, help="per step of a run (seconds)")
     p.add_argument("--record-dir", help="run `anontrace record -o DIR/METHOD-RUN.atr` and "

@@ -60,7 +60,7 @@ class CliRun:
 
 
 def start(args: list[str], backend: str, interval: float = 0.3) -> CliRun:
-    cmd = [sys.executable, "-m", "tracer.cli", "--json", "-i", str(interval),
+    cmd = [sys.executable, "-m", "tracer", "--json", "-i", str(interval),
            "--backend", backend, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

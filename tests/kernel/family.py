@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.bpf_session import KernelFacts, TraceOptions, TraceSession
-from tracer.events import Event, Kind
+from tracer.format.events import Event, Kind
+from tracer.kernel.bpf_session import KernelFacts, TraceOptions, TraceSession
 
 
 @dataclass

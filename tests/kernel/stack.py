@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-ANONTRACE = [sys.executable, "-m", "tracer.cli"]
+ANONTRACE = [sys.executable, "-m", "tracer"]
 PROMETHEUS = "/usr/bin/prometheus"
 
 

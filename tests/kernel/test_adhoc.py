@@ -132,7 +132,7 @@ def test_replay_matches_live(forkchain_bin, backend, tmp_path) -> None:
     run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
     _wait_reports(run)
     assert run.finish() == 0, run.stderr
-    out = subprocess.run([sys.executable, "-m", "tracer.cli", "replay", str(rec), "--json"],
+    out = subprocess.run([sys.executable, "-m", "tracer", "replay", str(rec), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     replayed = [json.loads(line) for line in out.stdout.splitlines()]
@@ -142,7 +142,7 @@ def test_replay_matches_live(forkchain_bin, backend, tmp_path) -> None:
 
 @pytest.mark.method_agnostic
 def test_unknown_pid_is_a_clear_error(backend) -> None:
-    out = subprocess.run([sys.executable, "-m", "tracer.cli", "-p", "999999999", "-d", "1"],
+    out = subprocess.run([sys.executable, "-m", "tracer", "-p", "999999999", "-d", "1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "no such process: 999999999" in out.stderr
@@ -150,8 +150,8 @@ def test_unknown_pid_is_a_clear_error(backend) -> None:
 
 
 def _fentry_loads() -> bool:
-    from tracer.bpf_session import TraceOptions, TraceSession
     from tracer.errors import AnontraceError
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
 
     try:
         with TraceSession(TraceOptions(backend="fentry", pids=(os.getpid(),))):
@@ -209,7 +209,7 @@ def test_command_starts_with_extra_descriptors_open(backend) -> None:
     if os.environ.get("ANONTRACE_GUEST"):
         pytest.skip("user-space start-up, the same on every kernel: runs on the host")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = ('exec 3</dev/null 4</dev/null 5</dev/null; exec "$0" -m tracer.cli --json '
+    script = ('exec 3</dev/null 4</dev/null 5</dev/null; exec "$0" -m tracer --json '
               f'--backend {backend} -- /bin/true')
     out = subprocess.run(["/bin/sh", "-c", script, sys.executable], capture_output=True,
                          text=True, timeout=300, cwd=root)

@@ -9,17 +9,17 @@ import sys
 import pytest
 
 from tests.kernel.family import FamilyRun, run_family
-from tracer.bpf_session import TraceSession, read_kernel_facts
-from tracer.events import Kind, lost_total
-from tracer.kernel_env import KernelEnv
-from tracer.probes import LOGICAL_PROBES
+from tracer.format.events import Kind, lost_total
+from tracer.kernel.bpf_session import TraceSession, read_kernel_facts
+from tracer.kernel.kernel_env import KernelEnv
+from tracer.kernel.probes import LOGICAL_PROBES
 
 
 @pytest.fixture(scope="module")
 def check_report(backend):
     if backend != "auto":
         pytest.skip(f"check probes every backend itself; it runs in the auto pass, not {backend}")
-    out = subprocess.run([sys.executable, "-m", "tracer.cli", "check", "--json"],
+    out = subprocess.run([sys.executable, "-m", "tracer", "check", "--json"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -37,7 +37,7 @@ def test_check_lists_four_probes(check_report) -> None:
 
 @pytest.mark.auto_pass
 def test_check_names_the_task_state(check_report) -> None:
-    # Read the symbols here, not through tracer.kernel_env.
+    # Read the symbols here, not through tracer.kernel.kernel_env.
     with open("/proc/kallsyms") as f:
         names = {line.split()[2] for line in f if len(line.split()) == 3}
     both = {"bpf_task_storage_get", "bpf_get_current_task_btf"} <= names

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from tracer.bpf_session import TraceOptions, TraceSession
-from tracer.kstate import P_EXITING, KernelState
+from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.kstate import P_EXITING, KernelState
 
 pytestmark = pytest.mark.method_agnostic
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.family import FamilyRun, run_family
-from tracer.bpf_session import TraceSession
-from tracer.events import Kind
+from tracer.format.events import Kind
+from tracer.kernel.bpf_session import TraceSession
 
 ROOT = Path(__file__).resolve().parents[2]
 VMLINUX = Path("/var/cache/anontrace") / f"vmlinux-{os.uname().release}"

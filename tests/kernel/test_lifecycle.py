@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.kernel.family import FamilyRun, run_family
-from tracer.events import F_REUSED, Kind, lost_total
+from tracer.format.events import F_REUSED, Kind, lost_total
 
 # The family end to end is also what the guests' auto pass runs (with the
 # check tests): the automatic choice, proven on a real workload.
@@ -38,7 +38,7 @@ def test_no_events_lost(family: FamilyRun) -> None:
     # No certain loss. recursion_misses counts runs the kernel skipped because
     # the same program was already running on that CPU (a slab operation in
     # an interrupt during a kmem program): system-wide, so not proof that a
-    # traced event was missed (tracer.events.MAYBE_LOST); the exact counts in
+    # traced event was missed (tracer.format.events.MAYBE_LOST); the exact counts in
     # the other tests show none of the family's were. Seen once in the 6.1
     # guest (2 misses); a systematic recursion would show here as many.
     assert lost_total(family.lost) == 0, family.lost

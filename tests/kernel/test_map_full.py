@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from tracer.bpf_session import TraceOptions, TraceSession
-from tracer.bpf_source import MapSizes
-from tracer.kstate import KernelState
+from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.bpf_source import MapSizes
+from tracer.kernel.kstate import KernelState
 
 
 @pytest.mark.method_agnostic

@@ -187,7 +187,7 @@ def prometheus(serve: Serve, tmp_path_factory: pytest.TempPathFactory,
     work = tmp_path_factory.mktemp("prometheus")
     rules = work / "anontrace.rules.yml"
     rules.write_text(subprocess.run(
-        [sys.executable, "-m", "tracer.cli", "rules", "--config", str(serve.config)],
+        [sys.executable, "-m", "tracer", "rules", "--config", str(serve.config)],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout)
     prom = Prometheus(work, f"127.0.0.1:{serve.port}", rules)
     deadline = time.monotonic() + 30

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from tests.kernel.family import FamilyRun, run_family
-from tracer.derive import Deriver
-from tracer.events import decode_many
-from tracer.kstate import KernelState
-from tracer.model import Model, ProcessFigures
+from tracer.format.events import decode_many
+from tracer.kernel.kstate import KernelState
+from tracer.model.hierarchy import Model, ProcessFigures
+from tracer.pipeline.derive import Deriver
 
 REGIONS = 3
 GENERATIONS = 3

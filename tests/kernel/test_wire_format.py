@@ -1,5 +1,5 @@
 """One wire format: ``struct event`` as the compiled program has it (the BTF
-BCC loads with it) is what tracer.events.WIRE_FIELDS says, member by member,
+BCC loads with it) is what tracer.format.events.WIRE_FIELDS says, member by member,
 so that neither side can change alone."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from tracer.bpf_session import TraceOptions, TraceSession
-from tracer.btf import load_btf_id
-from tracer.events import WIRE, wire_layout
+from tracer.format.events import WIRE, wire_layout
+from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.btf import load_btf_id
 
 pytestmark = pytest.mark.method_agnostic
 
@@ -36,6 +36,7 @@ def test_struct_event_matches_the_python_wire_format(backend) -> None:
         btf = load_btf_id(btf_ids.pop())
     c_side = [(m.name, m.offset, m.size) for m in btf.members("event")]
     assert c_side == wire_layout(), (
-        "struct event (bpf_programs/anontrace_common.h) and tracer.events.WIRE_FIELDS differ:\n"
+        "struct event (bpf_programs/anontrace_common.h) and "
+        "tracer.format.events.WIRE_FIELDS differ:\n"
         f"  C:      {c_side}\n  Python: {wire_layout()}")
     assert btf.struct_size("event") == WIRE.size

@@ -6,7 +6,7 @@ mm of generation 1's fork.
 """
 from __future__ import annotations
 
-from tracer.events import F_REUSED, Event, Kind
+from tracer.format.events import F_REUSED, Event, Kind
 
 
 def gen_mms(events: list[Event], meta: dict) -> dict[int, int]:

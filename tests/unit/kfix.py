@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tracer.btf import Btf
-from tracer.events import Event, event_from_dict
-from tracer.kernel_env import Kallsyms
+from tracer.format.events import Event, event_from_dict
+from tracer.kernel.btf import Btf
+from tracer.kernel.kernel_env import Kallsyms
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

@@ -3,8 +3,8 @@ model sees them, hand-built events, and wire packing."""
 from __future__ import annotations
 
 from tests.unit import kfix
-from tracer.derive import Deriver
-from tracer.events import F_SYNTHETIC, WIRE, Event, Kind, Site
+from tracer.format.events import F_SYNTHETIC, WIRE, Event, Kind, Site
+from tracer.pipeline.derive import Deriver
 
 #: every recorded forkchain stream: (kernel series, backend)
 FAMILY_STREAMS = [("6.1", "fentry"), ("6.1", "kprobe"), ("6.12", "fentry"),
@@ -50,7 +50,7 @@ def ev(kind: Kind, **kw) -> Event:
 
 
 def pack(e: Event) -> bytes:
-    """One wire record (tracer.events.WIRE) for an Event."""
+    """One wire record (tracer.format.events.WIRE) for an Event."""
     return WIRE.pack(e.ts, e.mm, e.cur_mm, e.vma, e.vm_start, e.vm_end, e.anon_vma, e.parent,
                      e.root, e.aux, e.aux2, e.num_children, e.num_active_vmas, int(e.kind),
                      e.tgid, e.tid, e.depth, e.chain_len, e.ret, e.pid2, e.tid2, int(e.site),

@@ -1,13 +1,13 @@
-"""tracer.bpf_source.cflags: the -D flags each backend compiles with."""
+"""tracer.kernel.bpf_source.cflags: the -D flags each backend compiles with."""
 from __future__ import annotations
 
 import pytest
 
 from tests.unit import kfix
 from tests.unit.test_probes import _three_arg_clone
-from tracer.bpf_source import BPF_DIR, MAIN_PROGRAM, BuildOptions, cflags
-from tracer.layout import read_layout
-from tracer.probes import plan_backend
+from tracer.kernel.bpf_source import BPF_DIR, MAIN_PROGRAM, BuildOptions, cflags
+from tracer.kernel.layout import read_layout
+from tracer.kernel.probes import plan_backend
 
 
 def defines(series: str, backend: str, opts: BuildOptions | None = None,
@@ -79,7 +79,7 @@ def test_offsets_and_sites_from_the_kernel() -> None:
 def test_other_site_when_out_of_line_helper_exists() -> None:
     text = kfix.kallsyms_text("6.18") + ("ffffffff81700000 t anon_vma_chain_alloc\n"
                                          "ffffffff81700080 t next_one\n")
-    from tracer.kernel_env import Kallsyms
+    from tracer.kernel.kernel_env import Kallsyms
     plan = plan_backend("tracepoint", Kallsyms(text), kfix.btf("6.18"), False)
     flags = cflags(plan, read_layout(kfix.btf("6.18")), BuildOptions())
     assert "-DSITE_OTHER_START=0xffffffff81700000ULL" in flags
@@ -87,7 +87,7 @@ def test_other_site_when_out_of_line_helper_exists() -> None:
 
 
 def test_missing_site_gets_empty_range() -> None:
-    from tracer.kernel_env import Kallsyms
+    from tracer.kernel.kernel_env import Kallsyms
     text = "\n".join(ln for ln in kfix.kallsyms_text("6.18").splitlines()
                      if not ln.endswith(" __put_anon_vma"))
     plan = plan_backend("tracepoint", Kallsyms(text), kfix.btf("6.18"), False)
@@ -124,7 +124,7 @@ def test_transport_and_sizes() -> None:
 
 def test_degree_layout_adds_define() -> None:
     from tests.unit.test_btf_layout import _degree_era
-    from tracer.btf import Btf
+    from tracer.kernel.btf import Btf
     b = Btf(_degree_era("6.18"))
     d = defines("6.18", "tracepoint", btf=b)
     assert "AV_HAS_DEGREE" in d and d["OFF_AV_DEGREE"] == "56"
@@ -159,8 +159,8 @@ def test_task_storage_define_follows_the_feature() -> None:
 def test_task_storage_probe_needs_both_symbols() -> None:
     """Task storage from tracing programs and bpf_get_current_task_btf()
     both came in v5.11: the probe wants both symbols."""
-    from tracer.bpf_session import task_storage_available
-    from tracer.kernel_env import Kallsyms
+    from tracer.kernel.bpf_session import task_storage_available
+    from tracer.kernel.kernel_env import Kallsyms
 
     both = Kallsyms("0 T bpf_task_storage_get\n0 T bpf_get_current_task_btf\n")
     assert task_storage_available(both)

@@ -1,4 +1,4 @@
-"""tracer.btf and tracer.layout on BTF recorded from real kernels."""
+"""tracer.kernel.btf and tracer.kernel.layout on BTF recorded from real kernels."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tests.unit import kfix
-from tracer.btf import Btf, BtfError, Member
-from tracer.layout import read_layout
+from tracer.kernel.btf import Btf, BtfError, Member
+from tracer.kernel.layout import read_layout
 
 # Offsets read from each kernel's BTF (docs/kernels.md "Struct members used").
 # anon_vma has had the same layout since 2555283eb40d (v6.0).

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tracer.cli import main
+from tracer.commands.cli import main
 from tracer.errors import AnontraceError
-from tracer.procs import require_pids
+from tracer.kernel.procs import require_pids
 
 
 def run(args: list[str]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracer.bpf_session import _COMPILER_LIB, _clean_mappings
+from tracer.kernel.bpf_session import _COMPILER_LIB, _clean_mappings
 
 SMAPS = """\
 7f0000000000-7f0000100000 r--p 00000000 fe:01 123 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.bpf_source import MapSizes
-from tracer.config import (
+from exporters.config import (
     BACKENDS,
     DEFAULT_PORT,
     ConfigError,
@@ -21,6 +20,7 @@ from tracer.config import (
     parse_listen,
 )
 from tracer.errors import AnontraceError
+from tracer.kernel.bpf_source import MapSizes
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "anontrace.yaml"
 

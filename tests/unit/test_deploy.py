@@ -1,6 +1,6 @@
 """The deployment files under deploy/: systemd unit, Kubernetes manifests and
 the plain Prometheus configuration. One port everywhere, and it is
-tracer.config.DEFAULT_PORT.
+exporters.config.DEFAULT_PORT.
 
 promtool comes from Debian's prometheus package, which
 `scripts/install.sh --test` installs; without it the promtool test fails.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporters.config import parse_config, parse_listen
 from tests.unit.promtool import promtool
-from tracer.config import parse_config, parse_listen
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -169,7 +169,7 @@ def test_one_port_in_every_deploy_file() -> None:
 
 
 def test_the_port_is_tracer_config_default_port() -> None:
-    from tracer.config import DEFAULT_PORT
+    from exporters.config import DEFAULT_PORT
 
     ports = deploy_ports()
     # deploy/anontrace.yaml (the config example) too; test_config.py checks
@@ -177,7 +177,7 @@ def test_the_port_is_tracer_config_default_port() -> None:
     ports["deploy/anontrace.yaml listen"] = parse_config(
         CONFIG_EXAMPLE.read_text(), str(CONFIG_EXAMPLE)).listen_address()[1]
     wrong = {where: p for where, p in ports.items() if p != DEFAULT_PORT}
-    assert not wrong, f"tracer.config.DEFAULT_PORT is {DEFAULT_PORT}; deploy files say {wrong}"
+    assert not wrong, f"exporters.config.DEFAULT_PORT is {DEFAULT_PORT}; deploy files say {wrong}"
 
 
 # --- Prometheus configuration ------------------------------------------------------------

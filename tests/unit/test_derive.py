@@ -1,4 +1,4 @@
-"""tracer.derive.Deriver: logical probes rebuilt from kmem events."""
+"""tracer.pipeline.derive.Deriver: logical probes rebuilt from kmem events."""
 from __future__ import annotations
 
 import collections
@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from tests.unit import kfix
 from tests.unit.family_shape import expected_shape, region_events, shape
 from tests.unit.model_streams import raw_events
-from tracer.derive import Deriver
-from tracer.events import F_DEFERRED, F_REUSED, F_SYNTHETIC, Event, Kind, Site
-from tracer.model import Model
-from tracer.report import build_report
+from tracer.commands.report import build_report
+from tracer.format.events import F_DEFERRED, F_REUSED, F_SYNTHETIC, Event, Kind, Site
+from tracer.model.hierarchy import Model
+from tracer.pipeline.derive import Deriver
 
 HOST = ("6.18", "tracepoint")
 REAL = [("6.1", "fentry"), ("6.1", "kprobe"), ("6.12", "fentry"), ("6.12", "kprobe")]

@@ -1,4 +1,4 @@
-"""tracer.events: the wire format and the JSON form of events."""
+"""tracer.format.events: the wire format and the JSON form of events."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit import kfix
-from tracer import events
-from tracer.bpf_source import BPF_DIR
-from tracer.event_view import format_event, header
-from tracer.events import (
+from tracer.commands.event_view import format_event, header
+from tracer.format import events
+from tracer.format.events import (
     F_REUSED,
     LOSS_COUNTERS,
     WIRE,
@@ -25,6 +24,7 @@ from tracer.events import (
     event_from_dict,
     pack_record,
 )
+from tracer.kernel.bpf_source import BPF_DIR
 
 U64 = st.integers(0, 2**64 - 1)
 U32 = st.integers(0, 2**32 - 1)

@@ -12,8 +12,8 @@ from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus, d
 from exporters.view import TopView, safe_comm
 from tests.unit import kfix
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
-from tracer.events import Kind
-from tracer.model import Model
+from tracer.format.events import Kind
+from tracer.model.hierarchy import Model
 
 
 def _alive_model(series: str, backend: str) -> tuple[Model, dict]:

@@ -1,4 +1,4 @@
-"""tracer.kernel_env: kallsyms ranges, lockdown, tracefs formats, slab sizes."""
+"""tracer.kernel.kernel_env: kallsyms ranges, lockdown, tracefs formats, slab sizes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit import kfix
-from tracer.kernel_env import (
+from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
     KernelEnvError,
@@ -15,7 +15,7 @@ from tracer.kernel_env import (
     tracepoint_fields,
     tracepoint_format,
 )
-from tracer.probes import KMEM_SITES
+from tracer.kernel.probes import KMEM_SITES
 
 SAMPLE = """\
 ffffffff81000000 T _stext

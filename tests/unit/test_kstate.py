@@ -1,4 +1,4 @@
-"""tracer.kstate: the decoder of the BPF state maps.
+"""tracer.kernel.kstate: the decoder of the BPF state maps.
 
 The struct layouts are checked against bpf_programs/anontrace.bpf.c itself
 (a field added on one side alone fails here), and the figures against the
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tracer import kstate
-from tracer.bpf_source import MAIN_PROGRAM
-from tracer.kstate import NB, KernelState, MmRow, StateDump, hist_max
+from tracer.kernel import kstate
+from tracer.kernel.bpf_source import MAIN_PROGRAM
+from tracer.kernel.kstate import NB, KernelState, MmRow, StateDump, hist_max
 
 C_TYPES = {"u64": 8, "u32": 4, "s64": 8, "char": 1}
 

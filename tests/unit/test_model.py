@@ -1,4 +1,4 @@
-"""tracer.model.Model: the anon_vma hierarchy rebuilt from recorded real-kernel
+"""tracer.model.hierarchy.Model: the anon_vma hierarchy rebuilt from recorded real-kernel
 streams (the forkchain family) and from hand-built event sequences."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from tests.unit import kfix
 from tests.unit.family_shape import gen_mms
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
-from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind, Site
-from tracer.model import AnonVmaInfo, Model, Process, VmaInfo
-from tracer.report import build_report
+from tracer.commands.report import build_report
+from tracer.format.events import F_THREAD, LOGICAL_KINDS, Event, Kind, Site
+from tracer.model.hierarchy import AnonVmaInfo, Model, Process, VmaInfo
 
 PRE_V616 = {"6.1", "6.12"}  # sched_process_exit after exit_mm(): teardown before the exit event
 

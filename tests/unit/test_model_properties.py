@@ -1,4 +1,4 @@
-"""tracer.model.Model under random event sequences (hypothesis): it never
+"""tracer.model.hierarchy.Model under random event sequences (hypothesis): it never
 raises and its bookkeeping stays consistent after every step."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.model_streams import FAMILY_STREAMS, model_stream
-from tracer.events import (
+from tracer.commands.report import build_report
+from tracer.format.events import (
     F_CHAIN_TRUNCATED,
     F_DEFERRED,
     F_DEPTH_TRUNCATED,
@@ -19,8 +20,7 @@ from tracer.events import (
     Kind,
     Site,
 )
-from tracer.model import Model
-from tracer.report import build_report
+from tracer.model.hierarchy import Model
 
 # small pools so that pointers, pids and mms collide
 AVS = [0, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000]

@@ -1,4 +1,4 @@
-"""tracer.probes.plan_backend on the facts of each recorded kernel."""
+"""tracer.kernel.probes.plan_backend on the facts of each recorded kernel."""
 from __future__ import annotations
 
 import copy
@@ -6,9 +6,9 @@ import copy
 import pytest
 
 from tests.unit import kfix
-from tracer.btf import Btf, BtfError
-from tracer.kernel_env import Kallsyms
-from tracer.probes import (
+from tracer.kernel.btf import Btf, BtfError
+from tracer.kernel.kernel_env import Kallsyms
+from tracer.kernel.probes import (
     BACKENDS,
     KMEM_SITES,
     LOGICAL_PROBES,

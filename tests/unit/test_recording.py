@@ -1,4 +1,4 @@
-"""tracer.recording (RecordingWriter/RecordingReader) and runner.run_replay."""
+"""tracer.pipeline.recording (RecordingWriter/RecordingReader) and runner.run_replay."""
 from __future__ import annotations
 
 import json
@@ -17,9 +17,10 @@ from tests.unit.model_streams import (
     pack_all,
     raw_events,
 )
+from tracer.commands.runner import Tracker, run_replay
 from tracer.errors import AnontraceError
-from tracer.events import WIRE, Event, Kind, Site
-from tracer.recording import (
+from tracer.format.events import WIRE, Event, Kind, Site
+from tracer.pipeline.recording import (
     END,
     EVENTS,
     FORMAT_VERSION,
@@ -30,7 +31,6 @@ from tracer.recording import (
     RecordingReader,
     RecordingWriter,
 )
-from tracer.runner import Tracker, run_replay
 
 HEADER = {"kernel": "6.12.117+deb12-amd64", "backend": "fentry", "transport": "ringbuf",
           "processes": [{"pid": 1, "comm": "x", "ppid": 0, "preexisting": True}]}
@@ -76,7 +76,7 @@ def read_all(path: Path) -> tuple[list, RecordingError | None]:
 # --- round trip -----------------------------------------------------------------
 
 def test_pack_matches_the_wire_decoder() -> None:
-    from tracer.events import decode
+    from tracer.format.events import decode
     for e in sample_events():
         assert len(pack(e)) == WIRE.size
         assert decode(pack(e)) == e

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporters.config import GrowthConfig
 from exporters.metrics_spec import sample_names
 from exporters.rules import build_groups, prometheus_duration, render_rules, rule_names
 from tests.unit.promtool import promtool
-from tracer.config import GrowthConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "prometheus" / "anontrace.rules.yml"

@@ -1,7 +1,7 @@
 """One-line text rendering of events (the `events` command's view)."""
 from __future__ import annotations
 
-from tracer.events import F_REUSED, Event, Kind
+from tracer.format.events import F_REUSED, Event, Kind
 
 _NAMES = {
     Kind.ANON_VMA_FORK: "fork", Kind.ANON_VMA_CLONE: "clone", Kind.UNLINK_ANON_VMAS: "unlink",

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.layout import KernelLayout
-from tracer.probes import METHOD_CODES, Plan
+from tracer.kernel.layout import KernelLayout
+from tracer.kernel.probes import METHOD_CODES, Plan
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf_programs"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf_programs"
 MAIN_PROGRAM = BPF_DIR / "anontrace.bpf.c"
 CENSUS_PROGRAM = BPF_DIR / "census.bpf.c"
 
@@ -32,7 +32,7 @@ class BuildOptions:
     max_chain: int = 128
     census_all: bool = False  # census.bpf.c: every process, not the census_tgids map
     events: bool = True       # stream events through the ring/perf buffer
-    state: bool = False       # keep the figures in maps (tracer/kstate.py reads them)
+    state: bool = False       # keep the figures in maps (tracer/kernel/kstate.py reads them)
     map_sizes: MapSizes | None = None
     prealloc: bool = True     # preallocate the state maps (kernels before v6.1 need it)
 
@@ -119,7 +119,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front.
         # Tracing programs may use such maps since commit 96da3f7d489d ("bpf:
         # Remove tracing program restriction on map types", v6.1), on top of
-        # the BPF memory allocator (tracer.bpf_session.no_prealloc_allowed).
+        # the BPF memory allocator (tracer.kernel.bpf_session.no_prealloc_allowed).
         d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

@@ -45,8 +45,8 @@ F_DEPTH_TRUNCATED = 1
 F_CHAIN_TRUNCATED = 2
 F_DEFERRED = 4
 F_THREAD = 8
-F_REUSED = 16     # set by tracer.derive: a fork that reused an ancestor anon_vma
-F_SYNTHETIC = 32  # set by tracer.derive: a logical event rebuilt from kmem events
+F_REUSED = 16     # set by tracer.pipeline.derive: a fork that reused an ancestor anon_vma
+F_SYNTHETIC = 32  # set by tracer.pipeline.derive: a logical event rebuilt from kmem events
 
 LOGICAL_KINDS = {
     Kind.ANON_VMA_FORK: "anon_vma_fork",

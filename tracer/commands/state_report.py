@@ -1,6 +1,6 @@
 """Interval reports of an ad-hoc run (-p PID, -- COMMAND) read from the
-state maps (:mod:`tracer.kstate`): the same JSON object as
-:func:`tracer.report.build_report` makes from the Python model.
+state maps (:mod:`tracer.kernel.kstate`): the same JSON object as
+:func:`tracer.commands.report.build_report` makes from the Python model.
 
 Liveness is the kernel's word, not the event stream's: a process the state
 still calls alive but that /proc no longer has (its exit was not seen: a
@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tracer.kstate import P_UNSEEN, PREEXISTING_REASON, KernelState, ProcRow, StateDump
-from tracer.model import CENSUS_MISSING_REASON, PROBE_NAMES, ProcessFigures
-from tracer.procs import proc_ppid
+from tracer.kernel.kstate import P_UNSEEN, PREEXISTING_REASON, KernelState, ProcRow, StateDump
+from tracer.kernel.procs import proc_ppid
+from tracer.model.hierarchy import CENSUS_MISSING_REASON, PROBE_NAMES, ProcessFigures
 
 _NO_FIGURES = ProcessFigures(0, 0, 0, 0, 0, dict.fromkeys(PROBE_NAMES, 0))
 

@@ -7,7 +7,7 @@ Layout (little-endian)::
     hdr_len  u32, then hdr_len bytes of JSON: kernel release, backend,
              transport, struct offsets, probes, traced processes
     frames   u8 type, 3 zero bytes, u32 length, payload:
-             EVENTS  raw wire records (tracer.events.WIRE), as the kernel sent them
+             EVENTS  raw wire records (tracer.format.events.WIRE), as the kernel sent them
              TICK    JSON {"time": wall clock, "lost": {...}}: a report was made here
              END     JSON {"time", "lost", "exit_status"}: the run ended cleanly
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tracer.events import WIRE, Event, decode_many
+from tracer.format.events import WIRE, Event, decode_many
 
 MAGIC = b"ANONTRACE\x00REC"
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.kernel_env import KernelEnv
+from tracer.kernel.kernel_env import KernelEnv
 
 CACHE_DIR = Path("/var/cache/anontrace/headers")
 

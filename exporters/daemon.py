@@ -1,6 +1,6 @@
 """`anontrace serve`: the figures system-wide, exported to Prometheus.
 
-The BPF programs keep the figures in maps (tracer.kstate); the loop thread
+The BPF programs keep the figures in maps (tracer.kernel.kstate); the loop thread
 reads them once a second (batch lookups), retires exited processes and
 builds the snapshot a scrape exports, so a scrape costs no map read at all.
 SIGTERM and SIGINT stop the loop;
@@ -21,14 +21,14 @@ from typing import Any
 from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
+from exporters.config import ServeConfig, parse_listen
 from exporters.http import HttpServer, landing_page, make_app
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
 from exporters.view import Snapshot, TopView
 from tracer import __version__
-from tracer.config import ServeConfig, parse_listen
 from tracer.errors import AnontraceError
-from tracer.kstate import KernelState, ProcRow
-from tracer.procs import proc_cgroup
+from tracer.kernel.kstate import KernelState, ProcRow
+from tracer.kernel.procs import proc_cgroup
 
 RESYNC_MIN_S = 10.0         # at most one census rebuild per this many seconds
 SNAPSHOT_S = 1.0            # state maps read this often (scrapes export the latest)
@@ -103,7 +103,7 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
               on_ready: Callable[[str], None] = lambda msg: None,
               stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0."""
-    from tracer.bpf_session import TraceOptions, TraceSession, require_root
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession, require_root
 
     require_root()
     host, port = parse_listen(listen or cfg.listen)

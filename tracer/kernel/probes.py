@@ -1,14 +1,14 @@
 """Which kernel function and method each logical probe uses.
 
 Decided from the running kernel's features (kallsyms, BTF, tracefs) and then
-confirmed by attach attempts in :mod:`tracer.bpf_session`; never by version.
+confirmed by attach attempts in :mod:`tracer.kernel.bpf_session`; never by version.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.btf import Btf, BtfError
-from tracer.kernel_env import Kallsyms, Symbol
+from tracer.kernel.btf import Btf, BtfError
+from tracer.kernel.kernel_env import Kallsyms, Symbol
 
 LOGICAL_PROBES = ("anon_vma_fork", "anon_vma_clone", "unlink_anon_vmas", "page_set_anon_rmap")
 BACKENDS = ("fentry", "kprobe", "tracepoint")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tracer.bpf_session import (
+from tracer.errors import AnontraceError
+from tracer.kernel.bpf_session import (
     KernelFacts,
     TraceOptions,
     TraceSession,
@@ -11,9 +12,8 @@ from tracer.bpf_session import (
     read_kernel_facts,
     require_root,
 )
-from tracer.errors import AnontraceError
-from tracer.kernel_env import KernelEnv, read_lockdown
-from tracer.probes import BACKENDS, LOGICAL_PROBES, plan_backend
+from tracer.kernel.kernel_env import KernelEnv, read_lockdown
+from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, plan_backend
 
 
 def run_check(env: KernelEnv) -> dict[str, Any]:

@@ -18,11 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
-from tracer.btf import Btf, BtfError, load_btf
-from tracer.derive import Deriver
 from tracer.errors import AnontraceError
-from tracer.events import (
+from tracer.format.events import (
     LOSS_COUNTERS,
     WIRE,
     Event,
@@ -32,8 +29,10 @@ from tracer.events import (
     lost_total,
     pack_record,
 )
-from tracer.headers import Headers, HeadersError, find_headers
-from tracer.kernel_env import (
+from tracer.kernel.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
+from tracer.kernel.btf import Btf, BtfError, load_btf
+from tracer.kernel.headers import Headers, HeadersError, find_headers
+from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
     KernelEnvError,
@@ -42,9 +41,10 @@ from tracer.kernel_env import (
     tracepoint_fields,
     tracepoint_format,
 )
-from tracer.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
-from tracer.layout import KernelLayout, read_layout
-from tracer.probes import BACKENDS, LOGICAL_PROBES, Plan, kmem_raw_cache_args, plan_backend
+from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
+from tracer.kernel.layout import KernelLayout, read_layout
+from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, kmem_raw_cache_args, plan_backend
+from tracer.pipeline.derive import Deriver
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
 KRETPROBE_MAXACTIVE = 512
@@ -91,7 +91,7 @@ class TraceOptions:
     object_events: bool = False  # also report every anon_vma / chain entry alloc and free
     ringbuf_pages: int = 256     # ring buffer size in pages (a power of 2)
     events: bool = True          # stream events (events, record, the Python model)
-    state: bool = False          # keep the figures in BPF maps (tracer.kstate)
+    state: bool = False          # keep the figures in BPF maps (tracer.kernel.kstate)
     # Backends the state maps are used with (all: a test may narrow it).
     state_backends: tuple[str, ...] = BACKENDS
     map_sizes: MapSizes | None = None
@@ -486,7 +486,7 @@ class TraceSession:
         reads. ``families`` False skips the family map (a scrape between two
         refreshes)."""
         ptab, mtab = self._table("st_proc"), self._table("st_mm")
-        # mms before processes (tracer.kstate.torn_reads says why).
+        # mms before processes (tracer.kernel.kstate.torn_reads says why).
         mms = _dump_hash(mtab, 8)
         procs = _dump_hash(ptab, 4)
         for _ in range(3):

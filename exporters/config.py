@@ -21,8 +21,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from tracer.bpf_source import MapSizes
 from tracer.errors import AnontraceError
+from tracer.kernel.bpf_source import MapSizes
 
 # Placeholder: another engineer will set the final value. Defaults and error
 # messages derive from it; deploy/anontrace.yaml repeats it, and

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracer.btf import Btf, BtfError
+from tracer.kernel.btf import Btf, BtfError
 
 # struct -> members the BPF programs read (macro name suffix, member).
 _MEMBERS: dict[str, list[tuple[str, str]]] = {

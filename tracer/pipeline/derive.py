@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracer.events import F_REUSED, F_SYNTHETIC, Event, Kind, Site, copy_event
+from tracer.format.events import F_REUSED, F_SYNTHETIC, Event, Kind, Site, copy_event
 
 
 @dataclass

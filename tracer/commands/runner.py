@@ -15,14 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracer.derive import Deriver
+from tracer.commands.report import build_report
+from tracer.commands.state_report import StateReporter
 from tracer.errors import AnontraceError
-from tracer.events import Event, decode_many, lost_total
-from tracer.model import CENSUS_MISSING_REASON, Model
-from tracer.procs import proc_comm, proc_ppid, require_pids
-from tracer.recording import END, EVENTS, TICK, RecordingError, RecordingReader, RecordingWriter
-from tracer.report import build_report
-from tracer.state_report import StateReporter
+from tracer.format.events import Event, decode_many, lost_total
+from tracer.kernel.procs import proc_comm, proc_ppid, require_pids
+from tracer.model.hierarchy import CENSUS_MISSING_REASON, Model
+from tracer.pipeline.derive import Deriver
+from tracer.pipeline.recording import (
+    END,
+    EVENTS,
+    TICK,
+    RecordingError,
+    RecordingReader,
+    RecordingWriter,
+)
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -118,7 +125,7 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
 
     Returns COMMAND's exit status (0 with -p).
     """
-    from tracer.bpf_session import TraceOptions, TraceSession, require_root
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession, require_root
 
     if bool(spec.pids) == bool(spec.command):
         raise AnontraceError("nothing to trace: give -p PID or -- COMMAND (see --help)")

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from tracer.events import F_THREAD, LOGICAL_KINDS, Event, Kind
+from tracer.format.events import F_THREAD, LOGICAL_KINDS, Event, Kind
 
 MAX_RETIRED = 100_000  # exited processes kept for the final report
 PROBE_INDEX = {kind: i for i, kind in enumerate(LOGICAL_KINDS)}

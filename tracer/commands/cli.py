@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
+from exporters.config import DEFAULT_PORT
 from tracer import __version__
-from tracer.config import DEFAULT_PORT
 from tracer.errors import AnontraceError
-from tracer.kernel_env import KernelEnv
+from tracer.kernel.kernel_env import KernelEnv
 
 COMMAND_KEY = "anontrace.command"
 
@@ -39,7 +39,7 @@ def _sigterm_to_interrupt() -> None:
 
 
 def _emitter(as_json: bool) -> Callable[[dict[str, Any]], None]:
-    from tracer.report import format_table
+    from tracer.commands.report import format_table
 
     def emit(report: dict[str, Any]) -> None:
         if as_json:
@@ -75,7 +75,7 @@ def _trace_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval: float,
          duration: float, as_json: bool, backend: str, transport: str,
          record: Path | None = None, quiet: bool = False) -> None:
-    from tracer.runner import RunSpec, run_live
+    from tracer.commands.runner import RunSpec, run_live
 
     command = ctx.meta.get(COMMAND_KEY, ())
     if pids and command:
@@ -135,7 +135,7 @@ def check(as_json: bool) -> None:
     Example:
       sudo anontrace check --json
     """
-    from tracer.check import format_check, run_check
+    from tracer.commands.check import format_check, run_check
 
     try:
         report = run_check(KernelEnv())
@@ -167,10 +167,10 @@ def events(pids: tuple[int, ...], no_children: bool, backend: str, transport: st
     Example:
       sudo anontrace events -p 1234 --json -d 10
     """
-    from tracer.bpf_session import TraceOptions, TraceSession
-    from tracer.event_view import format_event, header
-    from tracer.events import Kind
-    from tracer.procs import require_pids
+    from tracer.commands.event_view import format_event, header
+    from tracer.format.events import Kind
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
+    from tracer.kernel.procs import require_pids
 
     _sigterm_to_interrupt()
     try:
@@ -232,7 +232,7 @@ def replay(recording: Path, as_json: bool) -> None:
     Example:
       anontrace replay build.atr --json
     """
-    from tracer.runner import run_replay
+    from tracer.commands.runner import run_replay
 
     try:
         run_replay(recording, _emitter(as_json))
@@ -260,7 +260,7 @@ def serve(config_path: Path | None, listen: str | None, check_config: bool) -> N
       sudo anontrace serve --config /etc/anontrace/anontrace.yaml --listen :29100
       anontrace serve --config deploy/anontrace.yaml --check-config
     """
-    from tracer.config import load_config, parse_listen
+    from exporters.config import load_config, parse_listen
 
     try:
         cfg = load_config(config_path)
@@ -273,7 +273,7 @@ def serve(config_path: Path | None, listen: str | None, check_config: bool) -> N
             click.echo(f"{cfg.source}: ok")
             click.echo(json.dumps(_config_dict(cfg), indent=2))
             return
-        from tracer.serve import run_serve
+        from exporters.daemon import run_serve
 
         run_serve(cfg, listen, on_ready=lambda msg: click.echo(msg, err=True))
     except AnontraceError as exc:
@@ -301,8 +301,8 @@ def rules(config_path: Path | None) -> None:
     Example:
       anontrace rules --config /etc/anontrace/anontrace.yaml > anontrace.rules.yml
     """
+    from exporters.config import load_config
     from exporters.rules import render_rules
-    from tracer.config import load_config
 
     try:
         cfg = load_config(config_path)

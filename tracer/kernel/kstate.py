@@ -3,9 +3,9 @@
 The programs update the state as the kernel works (bpf_programs/
 anontrace.bpf.c, section "state maps"); user space only reads it, when it
 reports or is scraped. This module is pure Python: it decodes the raw bytes
-of the maps (as :meth:`tracer.bpf_session.TraceSession.read_state` dumps
+of the maps (as :meth:`tracer.kernel.bpf_session.TraceSession.read_state` dumps
 them) into :class:`KernelState`, with the same definitions as
-:class:`tracer.model.Model` (README "Definitions"), so unit tests run it on
+:class:`tracer.model.hierarchy.Model` (README "Definitions"), so unit tests run it on
 dumps recorded from real kernels and compare it with a replay.
 
 Layouts mirror the C structs; ``tests/unit/test_kstate.py`` checks them
@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tracer.model import PROBE_NAMES, ProcessFigures
+from tracer.model.hierarchy import PROBE_NAMES, ProcessFigures
 
 NB = 64                       # histogram bins (C: NB)
 
@@ -232,7 +232,7 @@ class KernelState:
 
     def partial_reasons(self, lost: int = 0) -> list[str]:
         """Why the figures may be incomplete (empty: exact), as
-        :attr:`tracer.model.Model.partial_reasons` words them."""
+        :attr:`tracer.model.hierarchy.Model.partial_reasons` words them."""
         out = []
         if lost:
             out.append(f"{lost} events lost: figures may be stale or missing until later "

@@ -1,0 +1,1 @@
+"""The commands and their text views: the top layer, imported by nothing."""

@@ -1,0 +1,1 @@
+"""The model: pure Python, rebuilt from decoded events (live or recorded)."""

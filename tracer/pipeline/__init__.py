@@ -1,0 +1,1 @@
+"""From records to logical events: derivation (tracepoint backend) and recordings."""
