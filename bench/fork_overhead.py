@@ -453,7 +453,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }
 
 def run_empty(rnd: int, args: argparse.Namespace, facts: Any) -> RunResult:
     """The tracepoint backend's hooks with do-nothing programs."""
-    from tracer.kernel.bpf_session import import_bcc
+    from tracer.kernel.bcc_glue import import_bcc
 
     facts.headers.apply()
     bcc = import_bcc()
@@ -1142,7 +1142,7 @@ def prepare(args: argparse.Namespace, info: dict[str, Any]) -> Any:
         args.bpftrace_program = info["bpftrace_program"] = pick_bpftrace_program(path)
     if not wanted & set(IN_PROCESS):
         return None
-    from tracer.kernel.bpf_session import read_kernel_facts
+    from tracer.kernel.facts import read_kernel_facts
     from tracer.kernel.kernel_env import KernelEnv
     return read_kernel_facts(KernelEnv())
 

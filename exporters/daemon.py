@@ -103,7 +103,8 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
               on_ready: Callable[[str], None] = lambda msg: None,
               stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0."""
-    from tracer.kernel.bpf_session import TraceOptions, TraceSession, require_root
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
+    from tracer.kernel.facts import require_root
 
     require_root()
     host, port = parse_listen(listen or cfg.listen)

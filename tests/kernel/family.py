@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tracer.format.events import Event, Kind
-from tracer.kernel.bpf_session import KernelFacts, TraceOptions, TraceSession
+from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.facts import KernelFacts
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pytest
 
 from tests.kernel.family import FamilyRun, run_family
 from tracer.format.events import Kind, lost_total
-from tracer.kernel.bpf_session import TraceSession, read_kernel_facts
+from tracer.kernel.bpf_session import TraceSession
+from tracer.kernel.facts import read_kernel_facts
 from tracer.kernel.kernel_env import KernelEnv
 from tracer.kernel.probes import LOGICAL_PROBES
 

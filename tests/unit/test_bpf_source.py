@@ -159,7 +159,7 @@ def test_task_storage_define_follows_the_feature() -> None:
 def test_task_storage_probe_needs_both_symbols() -> None:
     """Task storage from tracing programs and bpf_get_current_task_btf()
     both came in v5.11: the probe wants both symbols."""
-    from tracer.kernel.bpf_session import task_storage_available
+    from tracer.kernel.facts import task_storage_available
     from tracer.kernel.kernel_env import Kallsyms
 
     both = Kallsyms("0 T bpf_task_storage_get\n0 T bpf_get_current_task_btf\n")

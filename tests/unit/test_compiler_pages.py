@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracer.kernel.bpf_session import _COMPILER_LIB, _clean_mappings
+from tracer.kernel.bcc_glue import COMPILER_LIB, clean_mappings
 
 SMAPS = """\
 7f0000000000-7f0000100000 r--p 00000000 fe:01 123 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
@@ -43,10 +43,10 @@ Swap:                  0 kB
 def test_only_clean_read_only_compiler_mappings(tmp_path: Path) -> None:
     f = tmp_path / "smaps"
     f.write_text(SMAPS)
-    got = _clean_mappings(_COMPILER_LIB, str(f))
+    got = clean_mappings(COMPILER_LIB, str(f))
     assert got == [(0x7f0000000000, 0x7f0000100000), (0x7f0000100000, 0x7f0000900000),
                    (0x7f0002000000, 0x7f0002400000)]
 
 
 def test_unreadable_smaps_drops_nothing(tmp_path: Path) -> None:
-    assert _clean_mappings(_COMPILER_LIB, str(tmp_path / "missing")) == []
+    assert clean_mappings(COMPILER_LIB, str(tmp_path / "missing")) == []

@@ -4,14 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from tracer.errors import AnontraceError
-from tracer.kernel.bpf_session import (
-    KernelFacts,
-    TraceOptions,
-    TraceSession,
-    import_bcc,
-    read_kernel_facts,
-    require_root,
-)
+from tracer.kernel.bcc_glue import import_bcc
+from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import KernelEnv, read_lockdown
 from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, plan_backend
 

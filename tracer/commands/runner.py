@@ -125,7 +125,8 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
 
     Returns COMMAND's exit status (0 with -p).
     """
-    from tracer.kernel.bpf_session import TraceOptions, TraceSession, require_root
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
+    from tracer.kernel.facts import require_root
 
     if bool(spec.pids) == bool(spec.command):
         raise AnontraceError("nothing to trace: give -p PID or -- COMMAND (see --help)")

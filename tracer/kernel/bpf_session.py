@@ -1,4 +1,6 @@
-"""Loading and attaching the BPF programs: the only module that imports bcc.
+"""Loading and attaching the BPF programs (through tracer.kernel.bcc_glue,
+the only module that imports bcc), the event transport, the census and the
+state maps.
 
 :class:`TraceSession` is a context manager: probes are attached on entry and
 always released on exit, including on SIGINT and SIGTERM (the CLI turns
@@ -6,13 +8,10 @@ SIGTERM into KeyboardInterrupt).
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
-import errno
 import gc
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,21 +28,28 @@ from tracer.format.events import (
     lost_total,
     pack_record,
 )
+from tracer.kernel.bcc_glue import (
+    COMPILER_LIB,
+    MADV_DONTNEED,
+    AttachFailed,
+    captured_stderr,
+    clean_mappings,
+    dump_hash,
+    import_bcc,
+    last_line,
+    lookup_raw,
+    read_iterator,
+    settle_heap,
+    verifier_hint,
+)
 from tracer.kernel.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
-from tracer.kernel.btf import Btf, BtfError, load_btf
-from tracer.kernel.headers import Headers, HeadersError, find_headers
+from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
-    KernelEnvError,
-    ensure_tracefs,
-    slab_object_size,
-    tracepoint_fields,
-    tracepoint_format,
 )
 from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
-from tracer.kernel.layout import KernelLayout, read_layout
-from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, kmem_raw_cache_args, plan_backend
+from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
 from tracer.pipeline.derive import Deriver
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -57,27 +63,7 @@ _KPROBE_FUNCS = {
 }
 
 
-def import_bcc() -> Any:
-    """Import BCC with an actionable error where it is missing."""
-    try:
-        import bcc  # type: ignore[import-untyped]  # only this module may import bcc
-    except ImportError as exc:
-        raise AnontraceError(
-            "BCC's Python module is not importable: apt-get install python3-bpfcc, and run "
-            "anontrace with /usr/bin/python3 or a venv made with --system-site-packages"
-        ) from exc
-    return bcc
-
-
-_COMPILER_LIB = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
-_MADV_DONTNEED = 4
 MAX_POLL_BATCH = 8192    # records one poll() takes from the ring buffer at most
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise AnontraceError("anontrace needs root (CAP_BPF, CAP_PERFMON and "
-                             "CAP_SYS_ADMIN) to load BPF programs: run it with sudo")
 
 
 @dataclass
@@ -105,81 +91,6 @@ class Attempt:
     backend: str
     ok: bool
     error: str | None = None
-
-
-@dataclass
-class KernelFacts:
-    """Everything read from the kernel before compiling anything."""
-
-    env: KernelEnv
-    kallsyms: Kallsyms
-    btf: Btf | None
-    btf_error: str | None
-    layout: KernelLayout | None
-    kprobes_available: bool
-    ringbuf_available: bool
-    task_storage: bool
-    kmem_free_has_name: bool
-    exit_mmap_tracepoint: bool
-    kmem_raw: tuple[int, int] | None
-    no_prealloc: bool
-    av_slab_size: int | None
-    avc_slab_size: int | None
-    headers: Headers | None
-    headers_error: str | None
-
-
-def task_storage_available(kallsyms: Kallsyms) -> bool:
-    """Task-local storage from tracing programs, reached through
-    bpf_get_current_task_btf(): both v5.11 (4cf1bc1f1045, a10787e6d58c,
-    3ca1032ab7ab)."""
-    return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
-
-
-def no_prealloc_allowed(kallsyms: Kallsyms) -> bool:
-    """Whether tracing programs may use hash maps that allocate as entries
-    come (BPF_F_NO_PREALLOC): since commit 96da3f7d489d ("bpf: Remove tracing
-    program restriction on map types", v6.1), which rests on the BPF memory
-    allocator of the same release (7c8199e24fa0, "bpf: Introduce any context
-    BPF specific memory allocator."), whose entry point kallsyms then shows."""
-    return "bpf_mem_alloc" in kallsyms
-
-
-def read_kernel_facts(env: KernelEnv) -> KernelFacts:
-    """Feature-probe the kernel: kallsyms, BTF, tracefs, slab sizes, headers."""
-    try:
-        ensure_tracefs(env)
-    except KernelEnvError as exc:
-        raise AnontraceError(str(exc)) from exc
-    try:
-        kallsyms = Kallsyms.read(env)
-    except KernelEnvError as exc:
-        raise AnontraceError(str(exc)) from exc
-    btf = layout = None
-    btf_error = None
-    try:
-        btf = load_btf(env.btf)
-        layout = read_layout(btf)
-    except BtfError as exc:
-        btf_error = str(exc)
-    free_fmt = tracepoint_format(env, "kmem", "kmem_cache_free") or ""
-    try:
-        headers, headers_error = find_headers(env), None
-    except (HeadersError, OSError) as exc:
-        headers, headers_error = None, str(exc)
-    return KernelFacts(
-        env=env, kallsyms=kallsyms, btf=btf, btf_error=btf_error, layout=layout,
-        kprobes_available=(env.tracefs / "kprobe_events").exists(),
-        # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
-        ringbuf_available="bpf_ringbuf_output" in kallsyms,
-        task_storage=task_storage_available(kallsyms),
-        kmem_free_has_name="name" in tracepoint_fields(free_fmt),
-        exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
-        kmem_raw=kmem_raw_cache_args(btf),
-        no_prealloc=no_prealloc_allowed(kallsyms),
-        av_slab_size=slab_object_size(env, "anon_vma"),
-        avc_slab_size=slab_object_size(env, "anon_vma_chain"),
-        headers=headers, headers_error=headers_error)
 
 
 class TraceSession:
@@ -247,7 +158,7 @@ class TraceSession:
                 continue
             try:
                 self._load(bcc, plan)
-            except _AttachFailed as exc:
+            except AttachFailed as exc:
                 self.attempts.append(Attempt(backend, False, str(exc)))
                 self._release()
                 continue
@@ -255,7 +166,7 @@ class TraceSession:
             self.plan = plan
             if backend == "tracepoint" and self.streams_events:
                 self._deriver = Deriver(keep_objects=self.options.object_events)
-            _settle_heap()
+            settle_heap()
             return
         summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
         raise AnontraceError(f"no backend can trace anon_vmas on this kernel ({summary})")
@@ -266,10 +177,10 @@ class TraceSession:
         (serve) needs only the struct layout and the plan from then on."""
         if self.facts is not None:
             self.facts = dataclasses.replace(self.facts, btf=None, kallsyms=Kallsyms(""))
-            # They were frozen by _settle_heap: let the collector reclaim
+            # They were frozen by settle_heap: let the collector reclaim
             # whatever of them sits in cycles, then freeze the rest again.
             gc.unfreeze()
-            _settle_heap()
+            settle_heap()
 
     def release_compiler_pages(self) -> int:
         """Drop this process's resident pages of the compiler libraries
@@ -280,8 +191,8 @@ class TraceSession:
         the bytes advised away."""
         libc = ctypes.CDLL(None, use_errno=True)
         done = 0
-        for lo, hi in _clean_mappings(_COMPILER_LIB):
-            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+        for lo, hi in clean_mappings(COMPILER_LIB):
+            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) == 0:
                 done += hi - lo
         return done
 
@@ -299,7 +210,7 @@ class TraceSession:
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
         self._release()
-        # What _settle_heap froze may now be garbage in cycles (this
+        # What settle_heap froze may now be garbage in cycles (this
         # session's BCC objects): let the collector see it again.
         gc.unfreeze()
 
@@ -362,16 +273,16 @@ class TraceSession:
         captured: list[str] = []
         try:
             # fentry/fexit and tracepoint programs attach as they load.
-            with _captured_stderr(captured):
+            with captured_stderr(captured):
                 self._bpf = bcc.BPF(src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            detail = _last_line(str(exc)) or type(exc).__name__
-            hint = _verifier_hint(captured[0] if captured else "")
+            detail = last_line(str(exc)) or type(exc).__name__
+            hint = verifier_hint(captured[0] if captured else "")
             if "Operation not permitted" in detail + hint and os.geteuid() == 0:
                 # BCC words EPERM as "Need super-user privileges" even for root.
                 detail = ("the kernel refused to load the program (EPERM) although we are "
                           "root: lockdown or an LSM forbids this program type")
-            raise _AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
+            raise AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
         if opts.filter_pids:
@@ -390,7 +301,7 @@ class TraceSession:
             assert choice.function is not None   # a working choice names its function
             captured: list[str] = []
             try:
-                with _captured_stderr(captured):
+                with captured_stderr(captured):
                     self._bpf.attach_kprobe(event=choice.function.encode(),
                                             fn_name=entry.encode())
                     if exit_:
@@ -398,13 +309,13 @@ class TraceSession:
                                                    fn_name=exit_.encode(),
                                                    maxactive=KRETPROBE_MAXACTIVE)
             except Exception as exc:
-                msg = _last_line(str(exc))
-                hint = _verifier_hint(captured[0] if captured else "")
+                msg = last_line(str(exc))
+                hint = verifier_hint(captured[0] if captured else "")
                 msg += f" ({hint})" if hint else ""
                 if probe == "page_set_anon_rmap":
                     choice.method, choice.reason = None, f"attach failed: {msg}"
                     continue
-                raise _AttachFailed(f"{choice.function}: {msg}") from exc
+                raise AttachFailed(f"{choice.function}: {msg}") from exc
 
     def _open_buffer(self, ringbuf: bool) -> None:
         raw = self._raw
@@ -449,7 +360,7 @@ class TraceSession:
             if cached is None:
                 opts = dataclasses.replace(self._build_options(self.plan), census_all=census_all)
                 flags = cflags(self.plan, self.facts.layout, opts) + ["-w"]
-                with _captured_stderr(captured):
+                with captured_stderr(captured):
                     prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
                     fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
                 cached = (prog, fn)
@@ -459,9 +370,9 @@ class TraceSession:
             table.clear()
             for pid in pids or ():
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-            raw = _read_iterator(bcc, fn.fd)
+            raw = read_iterator(bcc, fn.fd)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            msg = _last_line(str(exc)) or type(exc).__name__
+            msg = last_line(str(exc)) or type(exc).__name__
             if "Operation not permitted" in msg + (captured[0] if captured else ""):
                 msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
             keep = False
@@ -487,23 +398,23 @@ class TraceSession:
         refreshes)."""
         ptab, mtab = self._table("st_proc"), self._table("st_mm")
         # mms before processes (tracer.kernel.kstate.torn_reads says why).
-        mms = _dump_hash(mtab, 8)
-        procs = _dump_hash(ptab, 4)
+        mms = dump_hash(mtab, 8)
+        procs = dump_hash(ptab, 4)
         for _ in range(3):
             torn = torn_reads(procs, mms)
             if not torn:
                 break
             for pid in torn:
                 mm = PSTATE_HEAD.unpack_from(procs[pid])[0]
-                mraw = _lookup(mtab, ctypes.c_uint64(mm))
+                mraw = lookup_raw(mtab, ctypes.c_uint64(mm))
                 if mraw is not None:
                     mms[mm] = mraw
-                raw = _lookup(ptab, ctypes.c_uint32(pid))
+                raw = lookup_raw(ptab, ctypes.c_uint32(pid))
                 if raw is None:
                     del procs[pid]
                 else:
                     procs[pid] = raw
-        fams = _dump_hash(self._table("st_fam"), 4) if families else {}
+        fams = dump_hash(self._table("st_fam"), 4) if families else {}
         g = self._table("st_global")
         sums = [int(sum(g[ctypes.c_int(i)])) for i in range(G_NR)]
         d = self._table("st_depths")
@@ -535,12 +446,12 @@ class TraceSession:
         captured: list[str] = []
         try:
             if self._state_iter is None:
-                with _captured_stderr(captured):
+                with captured_stderr(captured):
                     self._state_iter = self._bpf.load_func(b"bpf_iter__task_vma",
                                                            bcc.BPF.TRACING)
-            _read_iterator(bcc, self._state_iter.fd)
+            read_iterator(bcc, self._state_iter.fd)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            msg = _last_line(str(exc)) or type(exc).__name__
+            msg = last_line(str(exc)) or type(exc).__name__
             if "Operation not permitted" in msg + (captured[0] if captured else ""):
                 msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
             return msg
@@ -644,166 +555,8 @@ class TraceSession:
         yield from self.drain()
 
 
-def _clean_mappings(path_re: re.Pattern[str], smaps: str = "/proc/self/smaps"
-                    ) -> list[tuple[int, int]]:
-    """[lo, hi) of this process's read-only file mappings whose path matches
-    and that hold no anonymous or dirty page."""
-    out: list[tuple[int, int]] = []
-    try:
-        with open(smaps) as f:
-            text = f.read()
-    except OSError:
-        return out
-    cur: list[int] | None = None
-    clean = True
-    for line in text.splitlines():
-        head = line.split(None, 1)[0]
-        if "-" in head and not head.endswith(":"):
-            if cur is not None and clean:
-                out.append((cur[0], cur[1]))
-            parts = line.split()
-            cur = None
-            if len(parts) >= 6 and "w" not in parts[1] and path_re.search(parts[5]):
-                cur = [int(x, 16) for x in parts[0].split("-")]
-                clean = True
-        elif cur is not None and head in ("Anonymous:", "Private_Dirty:", "Swap:"):
-            if line.split()[1] != "0":
-                clean = False
-    if cur is not None and clean:
-        out.append((cur[0], cur[1]))
-    return out
-
-
-def _settle_heap() -> None:
-    """Move everything allocated so far (BCC, the parsed BTF and kallsyms:
-    millions of objects) out of the cyclic collector's sight. Every poll
-    allocates thousands of short-lived events, which triggers full
-    collections; each one walked all of those objects and cost the consumer a
-    third of its time in a fork storm (py-spy; bench/fork_overhead.py). Objects
-    released later are still freed by reference counting."""
-    gc.collect()
-    gc.freeze()
-
-
-class _AttachFailed(Exception):
-    pass
-
-
-def _read_iterator(bcc: Any, prog_fd: int) -> bytes:
-    """Attach a BPF iterator program, read its output to the end."""
-    lib = bcc.libbcc.lib
-    lib.bcc_iter_attach.restype = ctypes.c_int
-    lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
-    lib.bcc_iter_create.restype = ctypes.c_int
-    lib.bcc_iter_create.argtypes = [ctypes.c_int]
-    link = lib.bcc_iter_attach(prog_fd, None, 0)
-    if link < 0:
-        raise OSError(-link, f"cannot attach the iterator: {os.strerror(-link)}")
-    try:
-        fd = lib.bcc_iter_create(link)
-        if fd < 0:
-            raise OSError(-fd, f"cannot create the iterator: {os.strerror(-fd)}")
-        chunks = []
-        try:
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        return b"".join(chunks)
-    finally:
-        os.close(link)
-
-
-_DUMP_CHUNK = 4096
-_ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for this map
-
-
-def _dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
-    """Every entry of a hash map, key (an unsigned int of ``key_size``
-    bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (v5.6) in chunks of a
-    few thousand entries; entry by entry where the kernel has no batch ops."""
-    from bcc import libbcc  # noqa: PLC0415  (bcc is imported by the session already)
-
-    lib = libbcc.lib
-    vsize = ctypes.sizeof(table.Leaf)
-    count = _DUMP_CHUNK
-    out: dict[int, bytes] = {}
-    token = ctypes.c_uint32(0)
-    first = True
-    while True:
-        keys = ctypes.create_string_buffer(count * key_size)
-        values = ctypes.create_string_buffer(count * vsize)
-        n = ctypes.c_uint32(count)
-        out_token = ctypes.c_uint32(0)
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
-                                   ctypes.byref(out_token), keys, values, ctypes.byref(n))
-        err = ctypes.get_errno()
-        if res != 0 and err == errno.ENOSPC and count < 1 << 20:
-            count *= 4      # one bucket holds more entries than the chunk
-            continue
-        if res != 0 and err not in (errno.ENOENT, 0):
-            if first and err in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
-                return _dump_slow(table, key_size)
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        kraw, vraw = keys.raw, values.raw
-        for i in range(n.value):
-            out[int.from_bytes(kraw[i * key_size:(i + 1) * key_size], "little")] = \
-                vraw[i * vsize:(i + 1) * vsize]
-        if res != 0:
-            return out      # ENOENT: that was the last chunk
-        token = out_token
-        first = False
-
-
-def _lookup(table: Any, key: Any) -> bytes | None:
-    """One entry's raw value, or None if it is gone."""
-    try:
-        leaf = table[key]
-    except KeyError:
-        return None
-    return ctypes.string_at(ctypes.addressof(leaf), ctypes.sizeof(leaf))
-
-
-def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for k, v in table.items():
-        out[int(k.value) if hasattr(k, "value") else int.from_bytes(bytes(k), "little")] = \
-            ctypes.string_at(ctypes.addressof(v), ctypes.sizeof(v))
-    return out
-
-
 def _census_marker(ts: int) -> bytes:
     """The record that says a census is complete (vma == 0)."""
     return pack_record(ts=ts, kind=int(Kind.CENSUS_VMA), site=int(Site.NONE), comm=b"census")
 
 
-@contextlib.contextmanager
-def _captured_stderr(sink: list[str]) -> Iterator[None]:
-    """Collect what libbcc and libbpf print on fd 2 (compiler warnings,
-    verifier logs) so the user sees one clear line instead."""
-    # A memfd, not a temp file: /tmp may be a 9p share (QEMU guests) where
-    # unlinked files cannot be read back.
-    saved = os.dup(2)
-    fd = os.memfd_create("anontrace-stderr")
-    with open(fd, "rb") as tmp:
-        os.dup2(fd, 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            sink.append(tmp.read().decode("utf-8", "replace"))
-
-
-def _verifier_hint(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(("libbpf:", "bpf:")) or "error:" in line:
-            return line
-    return ""
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""

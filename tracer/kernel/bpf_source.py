@@ -119,7 +119,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front.
         # Tracing programs may use such maps since commit 96da3f7d489d ("bpf:
         # Remove tracing program restriction on map types", v6.1), on top of
-        # the BPF memory allocator (tracer.kernel.bpf_session.no_prealloc_allowed).
+        # the BPF memory allocator (tracer.kernel.facts.no_prealloc_allowed).
         d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

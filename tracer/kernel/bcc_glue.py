@@ -1,0 +1,199 @@
+"""The glue between anontrace and BCC: the only module that imports bcc.
+
+Importing it with a clear error, catching what libbcc prints while it
+compiles, reading hash maps in batches and BPF iterators through libbcc's
+ctypes bindings, and the memory housekeeping after a compile.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gc
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from tracer.errors import AnontraceError
+
+
+def import_bcc() -> Any:
+    """Import BCC with an actionable error where it is missing."""
+    try:
+        import bcc  # type: ignore[import-untyped]  # only this module imports bcc
+    except ImportError as exc:
+        raise AnontraceError(
+            "BCC's Python module is not importable: apt-get install python3-bpfcc, and run "
+            "anontrace with /usr/bin/python3 or a venv made with --system-site-packages"
+        ) from exc
+    return bcc
+
+
+COMPILER_LIB = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
+
+
+MADV_DONTNEED = 4
+
+
+def clean_mappings(path_re: re.Pattern[str], smaps: str = "/proc/self/smaps"
+                    ) -> list[tuple[int, int]]:
+    """[lo, hi) of this process's read-only file mappings whose path matches
+    and that hold no anonymous or dirty page."""
+    out: list[tuple[int, int]] = []
+    try:
+        with open(smaps) as f:
+            text = f.read()
+    except OSError:
+        return out
+    cur: list[int] | None = None
+    clean = True
+    for line in text.splitlines():
+        head = line.split(None, 1)[0]
+        if "-" in head and not head.endswith(":"):
+            if cur is not None and clean:
+                out.append((cur[0], cur[1]))
+            parts = line.split()
+            cur = None
+            if len(parts) >= 6 and "w" not in parts[1] and path_re.search(parts[5]):
+                cur = [int(x, 16) for x in parts[0].split("-")]
+                clean = True
+        elif cur is not None and head in ("Anonymous:", "Private_Dirty:", "Swap:"):
+            if line.split()[1] != "0":
+                clean = False
+    if cur is not None and clean:
+        out.append((cur[0], cur[1]))
+    return out
+
+
+def settle_heap() -> None:
+    """Move everything allocated so far (BCC, the parsed BTF and kallsyms:
+    millions of objects) out of the cyclic collector's sight. Every poll
+    allocates thousands of short-lived events, which triggers full
+    collections; each one walked all of those objects and cost the consumer a
+    third of its time in a fork storm (py-spy; bench/fork_overhead.py). Objects
+    released later are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
+
+
+class AttachFailed(Exception):
+    pass
+
+
+def read_iterator(bcc: Any, prog_fd: int) -> bytes:
+    """Attach a BPF iterator program, read its output to the end."""
+    lib = bcc.libbcc.lib
+    lib.bcc_iter_attach.restype = ctypes.c_int
+    lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+    lib.bcc_iter_create.restype = ctypes.c_int
+    lib.bcc_iter_create.argtypes = [ctypes.c_int]
+    link = lib.bcc_iter_attach(prog_fd, None, 0)
+    if link < 0:
+        raise OSError(-link, f"cannot attach the iterator: {os.strerror(-link)}")
+    try:
+        fd = lib.bcc_iter_create(link)
+        if fd < 0:
+            raise OSError(-fd, f"cannot create the iterator: {os.strerror(-fd)}")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+    finally:
+        os.close(link)
+
+
+_DUMP_CHUNK = 4096
+
+
+_ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for this map
+
+
+def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
+    """Every entry of a hash map, key (an unsigned int of ``key_size``
+    bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (v5.6) in chunks of a
+    few thousand entries; entry by entry where the kernel has no batch ops."""
+    from bcc import libbcc
+
+    lib = libbcc.lib
+    vsize = ctypes.sizeof(table.Leaf)
+    count = _DUMP_CHUNK
+    out: dict[int, bytes] = {}
+    token = ctypes.c_uint32(0)
+    first = True
+    while True:
+        keys = ctypes.create_string_buffer(count * key_size)
+        values = ctypes.create_string_buffer(count * vsize)
+        n = ctypes.c_uint32(count)
+        out_token = ctypes.c_uint32(0)
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
+                                   ctypes.byref(out_token), keys, values, ctypes.byref(n))
+        err = ctypes.get_errno()
+        if res != 0 and err == errno.ENOSPC and count < 1 << 20:
+            count *= 4      # one bucket holds more entries than the chunk
+            continue
+        if res != 0 and err not in (errno.ENOENT, 0):
+            if first and err in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
+                return _dump_slow(table, key_size)
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        kraw, vraw = keys.raw, values.raw
+        for i in range(n.value):
+            out[int.from_bytes(kraw[i * key_size:(i + 1) * key_size], "little")] = \
+                vraw[i * vsize:(i + 1) * vsize]
+        if res != 0:
+            return out      # ENOENT: that was the last chunk
+        token = out_token
+        first = False
+
+
+def lookup_raw(table: Any, key: Any) -> bytes | None:
+    """One entry's raw value, or None if it is gone."""
+    try:
+        leaf = table[key]
+    except KeyError:
+        return None
+    return ctypes.string_at(ctypes.addressof(leaf), ctypes.sizeof(leaf))
+
+
+def _dump_slow(table: Any, key_size: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for k, v in table.items():
+        out[int(k.value) if hasattr(k, "value") else int.from_bytes(bytes(k), "little")] = \
+            ctypes.string_at(ctypes.addressof(v), ctypes.sizeof(v))
+    return out
+
+
+@contextlib.contextmanager
+def captured_stderr(sink: list[str]) -> Iterator[None]:
+    """Collect what libbcc and libbpf print on fd 2 (compiler warnings,
+    verifier logs) so the user sees one clear line instead."""
+    # A memfd, not a temp file: /tmp may be a 9p share (QEMU guests) where
+    # unlinked files cannot be read back.
+    saved = os.dup(2)
+    fd = os.memfd_create("anontrace-stderr")
+    with open(fd, "rb") as tmp:
+        os.dup2(fd, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", "replace"))
+
+
+def verifier_hint(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("libbpf:", "bpf:")) or "error:" in line:
+            return line
+    return ""
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+

@@ -1,0 +1,105 @@
+"""What the running kernel offers, read once before anything is compiled:
+kallsyms, BTF and the struct layout, tracefs formats, slab sizes, headers,
+and the features each build option depends on (each with the kernel commit
+that brought it)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from tracer.errors import AnontraceError
+from tracer.kernel.btf import Btf, BtfError, load_btf
+from tracer.kernel.headers import Headers, HeadersError, find_headers
+from tracer.kernel.kernel_env import (
+    Kallsyms,
+    KernelEnv,
+    KernelEnvError,
+    ensure_tracefs,
+    slab_object_size,
+    tracepoint_fields,
+    tracepoint_format,
+)
+from tracer.kernel.layout import KernelLayout, read_layout
+from tracer.kernel.probes import kmem_raw_cache_args
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise AnontraceError("anontrace needs root (CAP_BPF, CAP_PERFMON and "
+                             "CAP_SYS_ADMIN) to load BPF programs: run it with sudo")
+
+
+@dataclass
+class KernelFacts:
+    """Everything read from the kernel before compiling anything."""
+
+    env: KernelEnv
+    kallsyms: Kallsyms
+    btf: Btf | None
+    btf_error: str | None
+    layout: KernelLayout | None
+    kprobes_available: bool
+    ringbuf_available: bool
+    task_storage: bool
+    kmem_free_has_name: bool
+    exit_mmap_tracepoint: bool
+    kmem_raw: tuple[int, int] | None
+    no_prealloc: bool
+    av_slab_size: int | None
+    avc_slab_size: int | None
+    headers: Headers | None
+    headers_error: str | None
+
+
+def task_storage_available(kallsyms: Kallsyms) -> bool:
+    """Task-local storage from tracing programs, reached through
+    bpf_get_current_task_btf(): both v5.11 (4cf1bc1f1045, a10787e6d58c,
+    3ca1032ab7ab)."""
+    return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
+
+
+def no_prealloc_allowed(kallsyms: Kallsyms) -> bool:
+    """Whether tracing programs may use hash maps that allocate as entries
+    come (BPF_F_NO_PREALLOC): since commit 96da3f7d489d ("bpf: Remove tracing
+    program restriction on map types", v6.1), which rests on the BPF memory
+    allocator of the same release (7c8199e24fa0, "bpf: Introduce any context
+    BPF specific memory allocator."), whose entry point kallsyms then shows."""
+    return "bpf_mem_alloc" in kallsyms
+
+
+def read_kernel_facts(env: KernelEnv) -> KernelFacts:
+    """Feature-probe the kernel: kallsyms, BTF, tracefs, slab sizes, headers."""
+    try:
+        ensure_tracefs(env)
+    except KernelEnvError as exc:
+        raise AnontraceError(str(exc)) from exc
+    try:
+        kallsyms = Kallsyms.read(env)
+    except KernelEnvError as exc:
+        raise AnontraceError(str(exc)) from exc
+    btf = layout = None
+    btf_error = None
+    try:
+        btf = load_btf(env.btf)
+        layout = read_layout(btf)
+    except BtfError as exc:
+        btf_error = str(exc)
+    free_fmt = tracepoint_format(env, "kmem", "kmem_cache_free") or ""
+    try:
+        headers, headers_error = find_headers(env), None
+    except (HeadersError, OSError) as exc:
+        headers, headers_error = None, str(exc)
+    return KernelFacts(
+        env=env, kallsyms=kallsyms, btf=btf, btf_error=btf_error, layout=layout,
+        kprobes_available=(env.tracefs / "kprobe_events").exists(),
+        # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
+        ringbuf_available="bpf_ringbuf_output" in kallsyms,
+        task_storage=task_storage_available(kallsyms),
+        kmem_free_has_name="name" in tracepoint_fields(free_fmt),
+        exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
+        kmem_raw=kmem_raw_cache_args(btf),
+        no_prealloc=no_prealloc_allowed(kallsyms),
+        av_slab_size=slab_object_size(env, "anon_vma"),
+        avc_slab_size=slab_object_size(env, "anon_vma_chain"),
+        headers=headers, headers_error=headers_error)
+
