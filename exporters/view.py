@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tracer.kernel.kstate import KernelState, ProcRow
-from tracer.model.hierarchy import Model, Process
+from tracer.model.hierarchy import Model
+from tracer.model.types import Process
 
 # What may appear in a comm label: printable ASCII and any non-control
 # character; the kernel takes any bytes a process writes to its comm.

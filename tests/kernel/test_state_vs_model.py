@@ -14,7 +14,8 @@ from typing import Any
 from tests.kernel.family import FamilyRun, run_family
 from tracer.format.events import decode_many
 from tracer.kernel.kstate import KernelState
-from tracer.model.hierarchy import Model, ProcessFigures
+from tracer.model.hierarchy import Model
+from tracer.model.types import ProcessFigures
 from tracer.pipeline.derive import Deriver
 
 REGIONS = 3

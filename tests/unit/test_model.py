@@ -12,7 +12,8 @@ from tests.unit.family_shape import gen_mms
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
 from tracer.commands.report import build_report
 from tracer.format.events import F_THREAD, LOGICAL_KINDS, Event, Kind, Site
-from tracer.model.hierarchy import AnonVmaInfo, Model, Process, VmaInfo
+from tracer.model.hierarchy import Model
+from tracer.model.types import AnonVmaInfo, Process, VmaInfo
 
 PRE_V616 = {"6.1", "6.12"}  # sched_process_exit after exit_mm(): teardown before the exit event
 

@@ -5,7 +5,8 @@ import textwrap
 import time as _time
 from typing import Any
 
-from tracer.model.hierarchy import Model, Process
+from tracer.model.hierarchy import Model
+from tracer.model.types import Process
 
 
 def build_report(model: Model, *, when: float, backend: str, lost_events: int,

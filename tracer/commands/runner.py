@@ -20,7 +20,8 @@ from tracer.commands.state_report import StateReporter
 from tracer.errors import AnontraceError
 from tracer.format.events import Event, decode_many, lost_total
 from tracer.kernel.procs import proc_comm, proc_ppid, require_pids
-from tracer.model.hierarchy import CENSUS_MISSING_REASON, Model
+from tracer.model.hierarchy import Model
+from tracer.model.types import CENSUS_MISSING_REASON
 from tracer.pipeline.derive import Deriver
 from tracer.pipeline.recording import (
     END,

@@ -13,7 +13,7 @@ from typing import Any
 
 from tracer.kernel.kstate import P_UNSEEN, PREEXISTING_REASON, KernelState, ProcRow, StateDump
 from tracer.kernel.procs import proc_ppid
-from tracer.model.hierarchy import CENSUS_MISSING_REASON, PROBE_NAMES, ProcessFigures
+from tracer.model.types import CENSUS_MISSING_REASON, PROBE_NAMES, ProcessFigures
 
 _NO_FIGURES = ProcessFigures(0, 0, 0, 0, 0, dict.fromkeys(PROBE_NAMES, 0))
 

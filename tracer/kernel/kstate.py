@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tracer.model.hierarchy import PROBE_NAMES, ProcessFigures
+from tracer.model.types import PROBE_NAMES, ProcessFigures
 
 NB = 64                       # histogram bins (C: NB)
 

@@ -32,118 +32,26 @@ partial).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
 
-from tracer.format.events import F_THREAD, LOGICAL_KINDS, Event, Kind
+from tracer.format.events import F_THREAD, Event, Kind
+from tracer.model.queries import ModelQueries
+from tracer.model.types import (
+    AV_ID,
+    CHAIN_SHIFT,
+    MAX_RETIRED,
+    NO_AV,
+    PROBE_INDEX,
+    Mm,
+    Process,
+)
 
-MAX_RETIRED = 100_000  # exited processes kept for the final report
-PROBE_INDEX = {kind: i for i, kind in enumerate(LOGICAL_KINDS)}
-PROBE_NAMES = tuple(LOGICAL_KINDS.values())
-
-_ID = 0xFFFF_FFFF              # low 32 bits of a packed value: the anon_vma id
-NO_AV = _ID                    # the id of "no anon_vma" in a VMA's packed value
-_CHAIN = 32                    # packed VMA value: id | chain << _CHAIN
 _REUSED = "an anon_vma free was missed (pointer reused)"
-CENSUS_MISSING_REASON = "no census of pre-existing VMAs"
 _PREEXISTING = ("processes running before tracing began: anon_vmas of their VMAs that no "
                 "event touched since are unknown")
 
 
-@dataclass(frozen=True, slots=True)
-class AnonVmaInfo:
-    """What the model knows of one live anon_vma (a snapshot)."""
-
-    ptr: int
-    parent: int | None    # parent's pointer; None: a root, or not known yet
-    parent_live: bool     # the parent is the live anon_vma at ``parent``, which
-                          # counts this one among its children (False for a
-                          # parent allocated before tracing, or freed since)
-    root: int | None      # root's pointer (itself for a root); None: not known yet
-    depth: int            # 0: not known yet
-    children: int         # live child anon_vmas (the root's self-link excluded)
-    active: int           # VMAs whose vma->anon_vma is this one
-    mm: int | None        # pointer of the mm it was created for; None: unknown
-    serial: int           # creation number: same ptr and serial, same anon_vma
-
-
-class VmaInfo(NamedTuple):
-    """A VMA that has (or had) an anon_vma."""
-
-    anon_vma: int | None  # pointer of vma->anon_vma; None: none (or detached)
-    chain: int            # anon_vma_chain entries
-    mm: int               # the mm pointer
-
-
-class Mm:
-    """An address space, its VMAs and the probe events attributed to it.
-
-    ``vmas`` is internal (VMA pointer -> packed value): read it
-    through :meth:`Model.mm_vmas`."""
-
-    __slots__ = ("ptr", "tgid", "vmas", "events")
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-        self.tgid = 0
-        self.vmas: dict[int, int] = {}
-        self.events = [0, 0, 0, 0]
-
-
-@dataclass
-class Process:
-    """A traced process (tgid)."""
-
-    pid: int
-    ppid: int = 0
-    comm: str = ""
-    alive: bool = True
-    mm: Mm | None = None
-    mms: list[Mm] = field(default_factory=list)
-    preexisting: bool = False   # running before tracing began: its state is partial
-    exited_ts: int = 0
-    at_exit: ProcessFigures | None = None  # figures when its exit was seen
-    exiting: bool = False       # its mm teardown at exit began (at_exit taken then)
-
-
-@dataclass(frozen=True)
-class ProcessFigures:
-    """The per-process figures (README "Definitions")."""
-
-    anon_vmas: int
-    anon_vma_chains: int
-    max_depth: int
-    max_degree: int
-    max_chain: int
-    events: dict[str, int]
-
-
-class _AnonVmaView(Mapping):
-    """Read-only mapping anon_vma pointer -> AnonVmaInfo (snapshots)."""
-
-    __slots__ = ("_m",)
-
-    def __init__(self, model: Model) -> None:
-        self._m = model
-
-    def __getitem__(self, ptr: int) -> AnonVmaInfo:
-        info = self._m.anon_vma_info(ptr)
-        if info is None:
-            raise KeyError(ptr)
-        return info
-
-    def __contains__(self, ptr: object) -> bool:
-        return ptr in self._m._avs
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self._m._avs))
-
-    def __len__(self) -> int:
-        return len(self._m._avs)
-
-
-class Model:
+class Model(ModelQueries):
     """Apply events with :meth:`apply`; read figures with :meth:`figures`,
     :meth:`totals` and :attr:`processes`."""
 
@@ -242,56 +150,6 @@ class Model:
     def partial(self) -> bool:
         return bool(self._reasons) or self.lost_events > 0
 
-    # -- read API ---------------------------------------------------------
-    @property
-    def anon_vmas(self) -> Mapping[int, AnonVmaInfo]:
-        """The live anon_vmas: a read-only mapping pointer -> AnonVmaInfo."""
-        return _AnonVmaView(self)
-
-    def anon_vma_info(self, ptr: int) -> AnonVmaInfo | None:
-        """A snapshot of the live anon_vma at ``ptr``; None if none is tracked."""
-        v = self._avs.get(ptr)
-        if v is None:
-            return None
-        return self._info(v & _ID)
-
-    def _info(self, i: int) -> AnonVmaInfo:
-        return AnonVmaInfo(ptr=self._ptr[i], parent=self._parent[i] or None,
-                           parent_live=bool(self._plink[i]), root=self._root[i] or None,
-                           depth=self._depth[i], children=self._children[i],
-                           active=self._active[i], mm=self._avmm[i] or None,
-                           serial=self._serial[i])
-
-    def _vma_info(self, mm_ptr: int, v: int) -> VmaInfo:
-        i = v & _ID
-        return VmaInfo(None if i == NO_AV else self._ptr[i], v >> _CHAIN, mm_ptr)
-
-    def vma_info(self, mm_ptr: int, vma_ptr: int) -> VmaInfo | None:
-        """The VMA ``vma_ptr`` of the mm ``mm_ptr``; None if not tracked."""
-        mm = self.mms.get(mm_ptr)
-        v = mm.vmas.get(vma_ptr) if mm is not None else None
-        return None if v is None else self._vma_info(mm_ptr, v)
-
-    def mm_vmas(self, mm: Mm | int) -> dict[int, VmaInfo]:
-        """The tracked VMAs of an mm (object or pointer): VMA pointer -> VmaInfo."""
-        if isinstance(mm, int):
-            found = self.mms.get(mm)
-            if found is None:
-                return {}
-            mm = found
-        return {k: self._vma_info(mm.ptr, v) for k, v in mm.vmas.items()}
-
-    @property
-    def vmas(self) -> dict[int, VmaInfo]:
-        """Every tracked VMA, VMA pointer -> VmaInfo (a new dict: for tests and
-        debugging, O(VMAs))."""
-        out: dict[int, VmaInfo] = {}
-        for mm in self.mms.values():
-            out.update(self.mm_vmas(mm))
-        return out
-
-    def vma_count(self) -> int:
-        return sum(len(mm.vmas) for mm in self.mms.values())
 
     # -- objects ----------------------------------------------------------
     def _mm(self, ptr: int) -> Mm:
@@ -337,7 +195,7 @@ class Model:
             for col in (self._parent, self._root, self._avmm, self._depth, self._children,
                         self._active, self._plink):
                 col.append(0)
-        self._serials = (self._serials + 1) & _ID
+        self._serials = (self._serials + 1) & AV_ID
         self._avs[ptr] = i
         return i
 
@@ -350,7 +208,7 @@ class Model:
         v = self._avs.get(ptr)
         depth = self._depth
         if v is not None:
-            i = v & _ID
+            i = v & AV_ID
             if depth[i] and d and depth[i] != d:
                 # Same pointer, another object: its free was lost (slab reuse).
                 self.anomalies += 1
@@ -374,12 +232,12 @@ class Model:
                 self._parent[i] = parent_ptr
                 pv = self._avs.get(parent_ptr)
                 if pv is not None:
-                    self._children[pv & _ID] += 1
+                    self._children[pv & AV_ID] += 1
                     self._plink[i] = 1
             self._root[i] = ev.root
         if chain < 0:
             return i
-        packed = i | chain << _CHAIN
+        packed = i | chain << CHAIN_SHIFT
         if share:
             self._avs[ptr] = packed   # the same int object as the VMA's entry
         return packed
@@ -388,12 +246,12 @@ class Model:
         """Forget the anon_vma with id ``i`` (freed, or replaced)."""
         ptr = self._ptr[i]
         v = self._avs.get(ptr)
-        if v is not None and v & _ID == i:
+        if v is not None and v & AV_ID == i:
             del self._avs[ptr]
         if self._plink[i]:
             pv = self._avs.get(self._parent[i])
-            if pv is not None and self._children[pv & _ID] > 0:
-                self._children[pv & _ID] -= 1
+            if pv is not None and self._children[pv & AV_ID] > 0:
+                self._children[pv & AV_ID] -= 1
         if self._children[i]:
             # Children outlive it: they keep its pointer, no longer linked (a
             # new anon_vma at this pointer is not their parent).
@@ -424,8 +282,8 @@ class Model:
         for mm in mms:
             vmas = mm.vmas
             for k, v in vmas.items():
-                if v & _ID == i:
-                    vmas[k] = NO_AV | (v >> _CHAIN) << _CHAIN
+                if v & AV_ID == i:
+                    vmas[k] = NO_AV | (v >> CHAIN_SHIFT) << CHAIN_SHIFT
                     n -= 1
                     if not n:
                         break
@@ -469,20 +327,20 @@ class Model:
         if av:
             v = self._avs.get(av)
             if v is not None:
-                i = v & _ID
+                i = v & AV_ID
                 dd = self._depth[i]
                 d = ev.depth
                 if dd and (dd == d or not d) and self._avmm[i]:
-                    new = i | chain << _CHAIN      # known, consistent: the common case
+                    new = i | chain << CHAIN_SHIFT      # known, consistent: the common case
                 else:
                     new = self._learn_av(ev, mm_ptr, chain)
-                    i = new & _ID
+                    i = new & AV_ID
             else:
                 new = self._learn_av(ev, mm_ptr, chain)
-                i = new & _ID
+                i = new & AV_ID
         else:
             i = NO_AV
-            new = NO_AV | chain << _CHAIN
+            new = NO_AV | chain << CHAIN_SHIFT
         self._store_vma(mm.vmas, vma, new, i)
 
     def _vma(self, ev: Event, mm: Mm) -> None:
@@ -504,19 +362,19 @@ class Model:
             v = self._avs.get(av)
             i = -1
             if v is not None:
-                i = v & _ID
+                i = v & AV_ID
                 dd = self._depth[i]
                 d = ev.depth
                 if not dd or (d and d != dd) or not self._avmm[i]:
                     i = -1
             if i < 0:
                 new = self._learn_av(ev, mm.ptr, chain)
-                i = new & _ID
+                i = new & AV_ID
             else:
-                new = i | chain << _CHAIN
+                new = i | chain << CHAIN_SHIFT
         else:
             i = NO_AV
-            new = NO_AV | chain << _CHAIN
+            new = NO_AV | chain << CHAIN_SHIFT
         # read after _learn_av: dropping a reused anon_vma detaches its VMAs
         self._store_vma(mm.vmas, ev.vma, new, i)
 
@@ -526,13 +384,13 @@ class Model:
         old = vmas.get(key)
         if old is None:
             vmas[key] = new
-            self.chains += new >> _CHAIN
+            self.chains += new >> CHAIN_SHIFT
             if i != NO_AV:
                 self._active[i] += 1
         elif old != new:
             vmas[key] = new
-            self.chains += (new >> _CHAIN) - (old >> _CHAIN)
-            j = old & _ID
+            self.chains += (new >> CHAIN_SHIFT) - (old >> CHAIN_SHIFT)
+            j = old & AV_ID
             if j != i:
                 active = self._active
                 if j != NO_AV and active[j] > 0:
@@ -558,8 +416,8 @@ class Model:
         v = vmas.pop(key, None)
         if v is None:
             return False
-        self.chains -= v >> _CHAIN
-        i = v & _ID
+        self.chains -= v >> CHAIN_SHIFT
+        i = v & AV_ID
         if i != NO_AV and self._active[i] > 0:
             self._active[i] -= 1
         return True
@@ -594,7 +452,7 @@ class Model:
             # (e.g. freed by an untraced task).
             self.anomalies += 1
             self._reasons.add(_REUSED)
-            self._drop_av(old & _ID)
+            self._drop_av(old & AV_ID)
         # The mm it is created for is the VMA's, learned with the VMA: a
         # fork allocates in the parent's context (docs/kernels.md, "The fork attribution trap").
         if ev.depth:
@@ -605,7 +463,7 @@ class Model:
     def _av_free(self, ev: Event) -> None:
         v = self._avs.get(ev.anon_vma)
         if v is not None:
-            self._drop_av(v & _ID)
+            self._drop_av(v & AV_ID)
 
     def _proc_fork(self, ev: Event) -> None:
         if ev.flags & F_THREAD:
@@ -665,80 +523,6 @@ class Model:
             else:
                 self.retired_dropped += 1
 
-    # -- output -----------------------------------------------------------
-    def figures(self, proc: Process) -> ProcessFigures:
-        """The README's per-process figures, from the process's current mm
-        (for an exited process, as they were when its exit was seen)."""
-        if proc.at_exit is not None and (proc.exiting or not proc.alive):
-            return proc.at_exit
-        ids: set[int] = set()
-        chains = max_chain = 0
-        if proc.mm is not None:
-            for v in proc.mm.vmas.values():
-                c = v >> _CHAIN
-                chains += c
-                if c > max_chain:
-                    max_chain = c
-                ids.add(v & _ID)
-            ids.discard(NO_AV)
-        events = [0, 0, 0, 0]
-        for mm in proc.mms:
-            for i, n in enumerate(mm.events):
-                events[i] += n
-        depth, children = self._depth, self._children
-        return ProcessFigures(
-            anon_vmas=len(ids),
-            anon_vma_chains=chains,
-            max_depth=max((depth[i] for i in ids), default=0),
-            max_degree=max((children[i] for i in ids), default=0),
-            max_chain=max_chain,
-            events=dict(zip(PROBE_NAMES, events, strict=True)))
-
-    def anon_vma_chain_count(self) -> int:
-        """anon_vma_chain entries on all tracked VMAs (kept as they change)."""
-        return self.chains
-
-    def orphaned_count(self) -> int:
-        """Live anon_vmas that no tracked VMA points at. Free slots of the
-        columns have no active VMA either: count the zeros in C, less them."""
-        return self._active.count(0) - len(self._free)
-
-    def totals(self) -> dict[str, int]:
-        """System (traced-scope) totals."""
-        return {
-            "anon_vmas": len(self._avs),
-            "anon_vma_chains": self.chains,
-            "orphaned_anon_vmas": self.orphaned_count(),
-        }
-
-    def families(self) -> dict[int, list[int]]:
-        """Live anon_vmas grouped by root anon_vma (one fork hierarchy):
-        root pointer -> [anon_vmas, orphaned anon_vmas, max depth, pid of
-        the process that created the root (0: not known), the root's
-        creation serial (-1: the root is not tracked)]. Pointer and serial
-        together name one root even when the slab reuses the pointer."""
-        out: dict[int, list[int]] = {}
-        root, depth, active = self._root, self._depth, self._active
-        for v in self._avs.values():
-            i = v & _ID
-            r = root[i]
-            f = out.get(r)
-            if f is None:
-                f = out[r] = [0, 0, 0, 0, -1]
-            f[0] += 1
-            if not active[i]:
-                f[1] += 1
-            if depth[i] > f[2]:
-                f[2] = depth[i]
-        avs, avmm, mms = self._avs, self._avmm, self.mms
-        for r, f in out.items():
-            rv = avs.get(r)
-            if rv is not None:
-                f[4] = self._serial[rv & _ID]
-                mm = mms.get(avmm[rv & _ID])
-                if mm is not None:
-                    f[3] = mm.tgid
-        return out
 
     def take_exited(self) -> list[Process]:
         """Processes that exited since the last call (for interval reports)."""
