@@ -8,24 +8,14 @@ processes and families get labelled series, whatever comes and goes.
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tracer.format.events import safe_comm
 from tracer.kernel.kstate import KernelState, ProcRow
 from tracer.model.hierarchy import Model
 from tracer.model.types import Process
-
-# What may appear in a comm label: printable ASCII and any non-control
-# character; the kernel takes any bytes a process writes to its comm.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def safe_comm(comm: str) -> str:
-    """A process name fit for a label value: control characters replaced
-    (prometheus-client escapes quotes and backslashes itself)."""
-    return _UNPRINTABLE.sub("?", comm)[:16]
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporters.metrics_spec import METRICS, PROBES, sample_names
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus, depth_buckets
-from exporters.view import TopView, safe_comm
+from exporters.view import TopView
 from tests.unit import kfix
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
-from tracer.format.events import Kind
+from tracer.format.events import Kind, safe_comm
 from tracer.model.hierarchy import Model
 
 
@@ -78,7 +78,9 @@ def test_top_k_bounds_processes_and_families() -> None:
 
 
 def test_hostile_comm_labels() -> None:
+    # prometheus-client escapes quotes and backslashes itself
     assert safe_comm('a"b\\c\nd\x00e') == 'a"b\\c?d?e'
+    assert safe_comm("a\u2028b\u200bc\x9bd") == "a?b?c?d"
     assert len(safe_comm("x" * 100)) == 16
     m = Model()
     mm = 0xffff888100000000

@@ -5,6 +5,7 @@ import textwrap
 import time as _time
 from typing import Any
 
+from tracer.format.events import safe_comm
 from tracer.model.hierarchy import Model
 from tracer.model.types import Process
 
@@ -35,10 +36,6 @@ def build_report(model: Model, *, when: float, backend: str, lost_events: int,
         "final": final,
     }
 
-
-def _safe(text: str) -> str:
-    # Process names are untrusted: no control characters reach the terminal.
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _tree_order(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -75,7 +72,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'DEPTH':>5} {'DEGREE':>6} {'CHAIN':>5}"]
     for level, r in _tree_order(report["processes"]):
         indent = min(level, 8)
-        comm = (" " * indent + ("`-" if level else "") + _safe(r["comm"]))[:22]
+        comm = (" " * indent + ("`-" if level else "") + safe_comm(r["comm"]))[:22]
         lines.append(f"{r['pid']:>7} {r['ppid']:>7} {comm:<22} {'yes' if r['alive'] else 'no':<5} "
                      f"{r['anon_vmas']:>5} {r['anon_vma_chains']:>6} {r['max_depth']:>5} "
                      f"{r['max_degree']:>6} {r['max_chain']:>5}")

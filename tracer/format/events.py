@@ -171,12 +171,26 @@ _COMMS_MAX = 4096
 _new_event = object.__new__
 
 
+def comm_text(raw: bytes) -> str:
+    """A task's comm as the kernel keeps it (NUL-padded bytes, any bytes the
+    process chose) as text; undecodable bytes become U+FFFD."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def safe_comm(comm: str) -> str:
+    """A process name fit for a terminal, a log line or a label value: every
+    non-printable character (controls, line separators, format characters)
+    becomes "?", and it is cut to the kernel's 16 bytes' worth. Process names
+    are untrusted: they must never drive a terminal or break a format."""
+    return "".join(c if c.isprintable() else "?" for c in comm[:16])
+
+
 def _comm(raw: bytes) -> str:
     comm = _COMMS.get(raw)
     if comm is None:
         if len(_COMMS) >= _COMMS_MAX:
             _COMMS.clear()
-        comm = _COMMS[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        comm = _COMMS[raw] = comm_text(raw)
     return comm
 
 

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tracer.format.events import comm_text
 from tracer.model.types import PROBE_NAMES, ProcessFigures
 
 NB = 64                       # histogram bins (C: NB)
@@ -50,10 +51,6 @@ def hist_max(hist: tuple[int, ...] | list[int], big: int) -> int:
             top = i
             break
     return big if top == NB - 1 else top
-
-
-def _comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ def decode_proc(pid: int, raw: bytes, mms: dict[int, MmRow]) -> ProcRow:
     f = PSTATE.unpack_from(raw)
     mm, exit_ns, ppid, flags = f[0], f[1], f[2], f[3]
     ev_prev = f[4:8]
-    comm = _comm(f[8])
+    comm = comm_text(f[8])
     alive = bool(flags & P_ALIVE)
     if alive and not flags & P_EXITING:
         figures = _figures(ev_prev, mms.get(mm) if mm else None)
