@@ -33,7 +33,6 @@ This module only builds text; it imports neither BCC nor the tracer.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -367,41 +366,25 @@ def build_groups(growth: GrowthConfig) -> tuple[Group, ...]:
 
 # --- YAML text --------------------------------------------------------------------
 
-def _block(value: str, indent: int) -> str:
-    """A YAML literal block scalar ("|-") holding `value` verbatim."""
-    pad = " " * indent
-    return "|-\n" + "\n".join(pad + line if line else "" for line in value.split("\n"))
+class _RulesDumper(yaml.SafeDumper):
+    """Multi-line PromQL as literal blocks ("|-"), everything else as YAML
+    decides; keys in the order Prometheus documents them."""
 
 
-def _quoted(value: str) -> str:
-    """A double-quoted YAML scalar (JSON's escaping is valid YAML)."""
-    return json.dumps(value, ensure_ascii=False)
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-_PLAIN_FIRST_BAD = set("-?:,[]{}#&*!|>'\"%@`")
+_RulesDumper.add_representer(str, _str)
 
 
-def _expr(value: str, indent: int) -> str:
-    """A PromQL expression: plain when YAML reads it back unchanged, else a block."""
-    if ("\n" not in value and value == value.strip() and value[0] not in _PLAIN_FIRST_BAD
-            and ": " not in value and " #" not in value and not value.endswith(":")
-            and yaml.safe_load(value) == value):
-        return value
-    return _block(value, indent)
-
-
-def _render_rule(rule: Record | Alert) -> list[str]:
+def _rule_doc(rule: Record | Alert) -> dict[str, object]:
     if isinstance(rule, Record):
-        return [f"      - record: {rule.record}",
-                f"        expr: {_expr(rule.expr, 10)}"]
-    return [f"      - alert: {rule.alert}",
-            f"        expr: {_expr(rule.expr, 10)}",
-            f"        for: {rule.for_}",
-            "        labels:",
-            f"          severity: {rule.severity}",
-            "        annotations:",
-            f"          summary: {_quoted(rule.summary)}",
-            f"          description: {_quoted(rule.description)}"]
+        return {"record": rule.record, "expr": rule.expr}
+    return {"alert": rule.alert, "expr": rule.expr, "for": rule.for_,
+            "labels": {"severity": rule.severity},
+            "annotations": {"summary": rule.summary, "description": rule.description}}
 
 
 def _header(growth: GrowthConfig, d: _Durations) -> list[str]:
@@ -438,10 +421,8 @@ def render_rules(growth: GrowthConfig) -> str:
     non-finite threshold.
     """
     d = _Durations.of(growth)
-    lines = _header(growth, d) + ["groups:"]
-    for group in build_groups(growth):
-        lines.append(f"  - name: {group.name}")
-        lines.append("    rules:")
-        for rule in group.rules:
-            lines.extend(_render_rule(rule))
-    return "\n".join(lines) + "\n"
+    doc = {"groups": [{"name": g.name, "rules": [_rule_doc(r) for r in g.rules]}
+                      for g in build_groups(growth)]}
+    body = yaml.dump(doc, Dumper=_RulesDumper, sort_keys=False, allow_unicode=True,
+                     width=10_000, default_flow_style=False, indent=2)
+    return "\n".join(_header(growth, d)) + "\n" + body
