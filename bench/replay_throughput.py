@@ -32,6 +32,7 @@ Examples::
     .venv/bin/python bench/replay_throughput.py
     .venv/bin/python bench/replay_throughput.py --events 500000 --repeat 1 --profile apply
     .venv/bin/python bench/replay_throughput.py --recording run.rec --stages decode,replay
+    .venv/bin/python bench/replay_throughput.py --stages "" --codecs
 
 Exit status: 0, or 1 with ``--check`` when the ``apply`` stage misses the target.
 """
@@ -283,6 +284,37 @@ def time_model_only(path: Path, repeat: int) -> tuple[int, float]:
     return len(events), len(events) / best
 
 
+def time_codecs(path: Path, repeat: int) -> dict[str, float]:
+    """The decoding and copying choices the consumer made, side by side on
+    this stream's records: records (or copies) per second of each."""
+    import dataclasses
+
+    from tracer.format.events import WIRE, copy_event, decode, decode_many, decode_records
+
+    events = load_events(path)[:200_000]
+    blob = b"".join(WIRE.pack(*(getattr(e, n) if n not in ("kind", "site", "comm")
+                                else (int(getattr(e, n)) if n != "comm" else e.comm.encode())
+                                for n in e.__slots__)) for e in events)
+    records = [blob[i:i + WIRE.size] for i in range(0, len(blob), WIRE.size)]
+    ways = {
+        "decode() per record": lambda: [decode(r) for r in records],
+        "decode_many(joined)": lambda: decode_many(blob),
+        "decode_records(batch)": lambda: decode_records(records),
+        "dataclasses.replace()": lambda: [dataclasses.replace(e) for e in events],
+        "copy_event()": lambda: [copy_event(e) for e in events],
+    }
+    out = {}
+    for name, fn in ways.items():
+        best = float("inf")
+        for _ in range(repeat):
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = len(events) / best
+    return out
+
+
 def count_events(path: Path) -> tuple[int, dict[str, int]]:
     kinds: dict[str, int] = {}
     total = 0
@@ -310,6 +342,8 @@ def main() -> int:
     ap.add_argument("--tick-every", type=int, default=500_000,
                     help="a TICK frame (an interval report) every N events; 0: none")
     ap.add_argument("--stages", default="decode,apply,replay")
+    ap.add_argument("--codecs", action="store_true",
+                    help="also time the record decoders and event copies against each other")
     ap.add_argument("--model-only", action="store_true",
                     help="also time Model.apply alone over pre-decoded events")
     ap.add_argument("--repeat", type=int, default=3, help="runs per stage (best is kept)")
@@ -367,6 +401,14 @@ def main() -> int:
             if not args.json:
                 print(f"  {'model':<8} {rate:>12,.0f} events/s   {rate / args.target:5.2f}x "
                       "target (Model.apply alone, pre-decoded)")
+        if args.codecs:
+            codecs = time_codecs(path, args.repeat)
+            result["codecs"] = {k: round(v) for k, v in codecs.items()}
+            if not args.json:
+                base_d, base_c = codecs["decode() per record"], codecs["dataclasses.replace()"]
+                for name, rate in codecs.items():
+                    base = base_c if "copy" in name or "replace" in name else base_d
+                    print(f"  {name:<24} {rate:>12,.0f} /s   {rate / base:4.1f}x")
         if args.json:
             print(json.dumps(result, indent=2))
         apply = result["stages"].get("apply")

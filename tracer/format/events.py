@@ -146,8 +146,9 @@ _ALL_FIELDS = operator.attrgetter(*Event.__slots__)
 
 
 def copy_event(ev: Event) -> Event:
-    """A shallow copy, about 4x faster than dataclasses.replace() (the
-    tracepoint backend makes one per derived event)."""
+    """A shallow copy, cheaper than dataclasses.replace() (the tracepoint
+    backend makes one per derived event; ``bench/replay_throughput.py
+    --codecs`` times both)."""
     return Event(*_ALL_FIELDS(ev))
 
 
@@ -212,8 +213,10 @@ def decode(data: bytes | memoryview) -> Event:
 
 def decode_many(data: bytes | memoryview) -> list[Event]:
     """Decode back-to-back wire records (a whole number of them), like
-    ``[decode(rec) for rec in records]`` but about 3x faster; the same
-    ValueError for the first bad record (then nothing is returned)."""
+    ``[decode(rec) for rec in records]`` in one pass over the buffer (no
+    Event.__init__ per record; ``bench/replay_throughput.py --codecs`` times
+    both); the same ValueError for the first bad record (then nothing is
+    returned)."""
     if len(data) % WIRE.size:
         raise ValueError(f"{len(data)} bytes is not a whole number of "
                          f"{WIRE.size}-byte event records")
@@ -245,8 +248,8 @@ def decode_records(records: list[bytes], joined: bytes | None = None) -> tuple[l
     skipped, the rest keep their order). ``joined`` is ``b"".join(records)``
     if the caller already has it."""
     try:
-        # One decode_many over the whole batch: about 2x faster than a
-        # decode() per record.
+        # One decode_many over the whole batch rather than a decode() per
+        # record (bench/replay_throughput.py --codecs times both).
         return decode_many(b"".join(records) if joined is None else joined), 0
     except ValueError:
         pass
