@@ -22,7 +22,6 @@ from tracer.format.events import Event, decode_many, lost_total
 from tracer.kernel.procs import proc_comm, proc_ppid, require_pids
 from tracer.model.hierarchy import Model
 from tracer.model.types import CENSUS_MISSING_REASON
-from tracer.pipeline.derive import Deriver
 from tracer.pipeline.recording import (
     END,
     EVENTS,
@@ -31,6 +30,7 @@ from tracer.pipeline.recording import (
     RecordingReader,
     RecordingWriter,
 )
+from tracer.pipeline.stream import EventStream
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -294,13 +294,13 @@ def run_replay(path: Path, emit: Emit) -> int:
     header = reader.header
     backend = str(header.get("backend", "unknown"))
     tracker = Tracker(backend, list(header.get("processes", [])), header.get("census_missing"))
-    deriver = Deriver() if backend == "tracepoint" else None
+    stream = EventStream(derive=backend == "tracepoint", keep_objects=True)
     last_time, last_lost = 0.0, 0
     try:
         for frame in reader.frames():
             if frame.kind == EVENTS:
                 events = frame.events or []
-                tracker.feed(deriver.feed(events) if deriver else events)
+                tracker.feed(stream.feed_events(events))
                 continue
             meta = frame.meta or {}
             last_time = float(meta.get("time", last_time))
@@ -308,19 +308,16 @@ def run_replay(path: Path, emit: Emit) -> int:
             if frame.kind == TICK:
                 emit(tracker.report(last_time, last_lost, final=False))
             elif frame.kind == END:
-                if deriver:
-                    tracker.feed(deriver.flush())
+                tracker.feed(stream.flush())
                 emit(tracker.report(last_time, last_lost, final=True))
                 return int(meta.get("exit_status", 0))
     except RecordingError as exc:
-        if deriver:
-            tracker.feed(deriver.flush())
+        tracker.feed(stream.flush())
         tracker.model.add_reason(f"recording unreadable from byte offset {exc.offset}")
         emit(tracker.report(last_time, last_lost, final=True))
         raise AnontraceError(str(exc)) from exc
     # No END frame: the recording run was killed. Report what there is.
-    if deriver:
-        tracker.feed(deriver.flush())
+    tracker.feed(stream.flush())
     tracker.model.add_reason("recording has no end marker (the run was killed)")
     emit(tracker.report(last_time, last_lost, final=True))
     raise AnontraceError(f"{path}: recording ends without an end marker (truncated?)")

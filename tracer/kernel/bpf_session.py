@@ -24,7 +24,6 @@ from tracer.format.events import (
     Event,
     Kind,
     Site,
-    decode_records,
     lost_total,
     pack_record,
 )
@@ -50,7 +49,7 @@ from tracer.kernel.kernel_env import (
 )
 from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
 from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
-from tracer.pipeline.derive import Deriver
+from tracer.pipeline.stream import EventStream
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
 KRETPROBE_MAXACTIVE = 512
@@ -110,10 +109,8 @@ class TraceSession:
         self._raw: list[bytes] = []
         self._census_progs: dict[bool, tuple[Any, Any]] = {}   # census_all -> (BPF, fn)
         self.recorder: Callable[[bytes], None] | None = None
-        self._decode_errors = 0
         self._perf_lost = 0
-        self.records = 0   # records the BPF side delivered (before derivation)
-        self._deriver: Deriver | None = None
+        self._stream = EventStream(derive=False)
         self._state_iter: Any = None
 
     # -- lifecycle -------------------------------------------------------
@@ -164,8 +161,8 @@ class TraceSession:
                 continue
             self.attempts.append(Attempt(backend, True))
             self.plan = plan
-            if backend == "tracepoint" and self.streams_events:
-                self._deriver = Deriver(keep_objects=self.options.object_events)
+            self._stream = EventStream(derive=backend == "tracepoint" and self.streams_events,
+                                       keep_objects=self.options.object_events)
             settle_heap()
             return
         summary = "; ".join(f"{a.backend}: {a.error}" for a in self.attempts)
@@ -481,17 +478,7 @@ class TraceSession:
             self._bpf.perf_buffer_poll(timeout_ms)
         raw = self._raw[:]
         del self._raw[:]       # the same list object: on_event holds it
-        if not raw:
-            return []
-        self.records += len(raw)
-        blob = b"".join(raw)
-        if self.recorder is not None:
-            self.recorder(blob)
-        out, errors = decode_records(raw, blob)
-        self._decode_errors += errors
-        if self._deriver is not None:
-            out = self._deriver.feed(out)
-        return out
+        return self._stream.feed_records(raw, self.recorder)
 
     def drain(self) -> list[Event]:
         """Everything still buffered, including derived events held back."""
@@ -501,9 +488,13 @@ class TraceSession:
             if not more:
                 break
             out.extend(more)
-        if self._deriver is not None:
-            out.extend(self._deriver.flush())
+        out.extend(self._stream.flush())
         return out
+
+    @property
+    def records(self) -> int:
+        """Records the BPF side delivered (before derivation)."""
+        return self._stream.records
 
     def lost(self) -> dict[str, int]:
         """Events lost, by reason, counted in the kernel (and perf's lost callback)."""
@@ -513,7 +504,7 @@ class TraceSession:
             for i, name in enumerate(LOSS_COUNTERS):
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out["perf_lost"] = self._perf_lost
-        out["undecodable"] = self._decode_errors
+        out["undecodable"] = self._stream.decode_errors
         out["recursion_misses"] = self._recursion_misses()
         return out
 
