@@ -197,3 +197,10 @@ def last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
+
+def iterator_error(exc: Exception, captured: list[str]) -> str:
+    """One line saying why a task_vma iterator could not be loaded or run."""
+    msg = last_line(str(exc)) or type(exc).__name__
+    if "Operation not permitted" in msg + (captured[0] if captured else ""):
+        msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
+    return msg

@@ -33,10 +33,9 @@ from tracer.kernel.bcc_glue import (
     AttachFailed,
     captured_stderr,
     clean_mappings,
-    dump_hash,
     import_bcc,
+    iterator_error,
     last_line,
-    lookup_raw,
     read_iterator,
     settle_heap,
     verifier_hint,
@@ -47,8 +46,9 @@ from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
 )
-from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
+from tracer.kernel.kstate import StateDump
 from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
+from tracer.kernel.state_maps import clear_state, dump_state, forget_processes
 from tracer.pipeline.stream import EventStream
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -369,11 +369,8 @@ class TraceSession:
                 table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             raw = read_iterator(bcc, fn.fd)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            msg = last_line(str(exc)) or type(exc).__name__
-            if "Operation not permitted" in msg + (captured[0] if captured else ""):
-                msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
             keep = False
-            return b"", msg
+            return b"", iterator_error(exc, captured)
         finally:
             if keep and cached is not None:
                 self._census_progs[census_all] = cached
@@ -393,47 +390,15 @@ class TraceSession:
         """Dump the state maps (batch lookups): what every report and scrape
         reads. ``families`` False skips the family map (a scrape between two
         refreshes)."""
-        ptab, mtab = self._table("st_proc"), self._table("st_mm")
-        # mms before processes (tracer.kernel.kstate.torn_reads says why).
-        mms = dump_hash(mtab, 8)
-        procs = dump_hash(ptab, 4)
-        for _ in range(3):
-            torn = torn_reads(procs, mms)
-            if not torn:
-                break
-            for pid in torn:
-                mm = PSTATE_HEAD.unpack_from(procs[pid])[0]
-                mraw = lookup_raw(mtab, ctypes.c_uint64(mm))
-                if mraw is not None:
-                    mms[mm] = mraw
-                raw = lookup_raw(ptab, ctypes.c_uint32(pid))
-                if raw is None:
-                    del procs[pid]
-                else:
-                    procs[pid] = raw
-        fams = dump_hash(self._table("st_fam"), 4) if families else {}
-        g = self._table("st_global")
-        sums = [int(sum(g[ctypes.c_int(i)])) for i in range(G_NR)]
-        d = self._table("st_depths")
-        depths = [int(sum(d[ctypes.c_int(i)])) for i in range(len(d))]
-        return StateDump(mms=mms, procs=procs, families=fams, global_sums=sums, depths=depths)
+        return dump_state(self._table, families)
 
     def forget_processes(self, pids: list[int]) -> None:
         """Delete exited processes from the state once they are reported."""
-        table = self._table("st_proc")
-        for pid in pids:
-            try:
-                del table[ctypes.c_uint32(pid)]
-            except KeyError:
-                pass
+        forget_processes(self._table("st_proc"), pids)
 
     def clear_state(self) -> None:
         """Empty every state map but the counters (before a resync census)."""
-        for name in ("st_vma", "st_av", "st_mmav", "st_mm", "st_proc", "st_fam"):
-            self._table(name).clear()
-        g = self._table("st_global")
-        for i in range(3):   # the live totals; event counters and map_full carry on
-            g[ctypes.c_int(i)] = g.Leaf(*([0] * len(g[ctypes.c_int(i)])))
+        clear_state(self._table)
 
     def state_census(self) -> str | None:
         """Seed the state with the VMAs of the processes running now (the
@@ -448,10 +413,7 @@ class TraceSession:
                                                            bcc.BPF.TRACING)
             read_iterator(bcc, self._state_iter.fd)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            msg = last_line(str(exc)) or type(exc).__name__
-            if "Operation not permitted" in msg + (captured[0] if captured else ""):
-                msg = "the kernel refused the task_vma iterator (EPERM: lockdown or LSM)"
-            return msg
+            return iterator_error(exc, captured)
         return None
 
     # -- running ---------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Reading and resetting the state maps of a loaded program (batch lookups
+through tracer.kernel.bcc_glue); tracer.kernel.kstate decodes what is read."""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+from tracer.kernel.bcc_glue import dump_hash, lookup_raw
+from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
+
+Table = Callable[[str], Any]   # map name -> the loaded program's table
+
+STATE_MAPS = ("st_vma", "st_av", "st_mmav", "st_mm", "st_proc", "st_fam")
+
+
+def dump_state(table: Table, families: bool = True) -> StateDump:
+    """Every state map's entries, and the per-CPU sums."""
+    ptab, mtab = table("st_proc"), table("st_mm")
+    # mms before processes (tracer.kernel.kstate.torn_reads says why).
+    mms = dump_hash(mtab, 8)
+    procs = dump_hash(ptab, 4)
+    for _ in range(3):
+        torn = torn_reads(procs, mms)
+        if not torn:
+            break
+        for pid in torn:
+            mm = PSTATE_HEAD.unpack_from(procs[pid])[0]
+            mraw = lookup_raw(mtab, ctypes.c_uint64(mm))
+            if mraw is not None:
+                mms[mm] = mraw
+            raw = lookup_raw(ptab, ctypes.c_uint32(pid))
+            if raw is None:
+                del procs[pid]
+            else:
+                procs[pid] = raw
+    fams = dump_hash(table("st_fam"), 4) if families else {}
+    g = table("st_global")
+    sums = [int(sum(g[ctypes.c_int(i)])) for i in range(G_NR)]
+    d = table("st_depths")
+    depths = [int(sum(d[ctypes.c_int(i)])) for i in range(len(d))]
+    return StateDump(mms=mms, procs=procs, families=fams, global_sums=sums, depths=depths)
+
+
+def forget_processes(proc_table: Any, pids: list[int]) -> None:
+    """Delete exited processes (st_proc entries) once they are reported."""
+    for pid in pids:
+        try:
+            del proc_table[ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+
+
+def clear_state(table: Table) -> None:
+    """Empty every state map but the counters (before a resync census)."""
+    for name in STATE_MAPS:
+        table(name).clear()
+    g = table("st_global")
+    for i in range(3):   # the live totals; event counters and map_full carry on
+        g[ctypes.c_int(i)] = g.Leaf(*([0] * len(g[ctypes.c_int(i)])))
