@@ -1,13 +1,32 @@
 """The BPF program text and the one function that parameterises it."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from tracer.kernel.layout import KernelLayout
 from tracer.kernel.probes import METHOD_CODES, Plan
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf_programs"
+
+def _bpf_dir() -> Path:
+    """Where the BPF C sources are: the ``tracer.bpf`` package data of an
+    installed wheel (setup.cfg maps bpf_programs/ to it), else the
+    checkout's bpf_programs/ (a source tree or an editable install). BCC
+    compiles from a path, so the package must be unpacked on disk (wheels
+    are)."""
+    try:
+        spec = importlib.util.find_spec("tracer.bpf")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        here = Path(next(iter(spec.submodule_search_locations)))
+        if (here / "anontrace.bpf.c").is_file():
+            return here
+    return Path(__file__).resolve().parents[2] / "bpf_programs"
+
+
+BPF_DIR = _bpf_dir()
 MAIN_PROGRAM = BPF_DIR / "anontrace.bpf.c"
 CENSUS_PROGRAM = BPF_DIR / "census.bpf.c"
 

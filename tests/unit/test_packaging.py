@@ -1,0 +1,36 @@
+"""setup.cfg lists every package (tracer.bpf is mapped, so nothing is found
+automatically) and ships the BPF sources and the man page."""
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _options() -> configparser.SectionProxy:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg["options"]
+
+
+def _listed(value: str) -> list[str]:
+    return [v.strip() for v in value.strip().splitlines() if v.strip()]
+
+
+def test_every_package_directory_is_listed() -> None:
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for top in ("tracer", "exporters") for p in (ROOT / top).rglob("__init__.py")}
+    listed = set(_listed(_options()["packages"]))
+    assert on_disk | {"tracer.bpf"} == listed
+
+
+def test_bpf_sources_and_man_page_are_shipped() -> None:
+    opts = _options()
+    assert _listed(opts["package_dir"]) == ["tracer.bpf = bpf_programs"]
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["options.package_data"]["tracer.bpf"].strip() == "*.c, *.h"
+    assert cfg["options.data_files"]["share/man/man8"].strip() == "docs/anontrace.8"
+    assert {p.name for p in (ROOT / "bpf_programs").glob("*.[ch]")} == {
+        "anontrace.bpf.c", "anontrace_common.h", "census.bpf.c"}
