@@ -101,8 +101,10 @@ class _Stop:
 
 def run_serve(cfg: ServeConfig, listen: str | None = None,
               on_ready: Callable[[str], None] = lambda msg: None,
-              stop: threading.Event | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0."""
+              stop: threading.Event | None = None,
+              progress: Callable[[str], None] = lambda msg: None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0.
+    ``progress`` hears the start-up phases (the BCC compile takes seconds)."""
     from tracer.kernel.bpf_session import TraceOptions, TraceSession
     from tracer.kernel.facts import require_root
 
@@ -110,8 +112,12 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
     host, port = parse_listen(listen or cfg.listen)
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
                         events=False, state=True, map_sizes=cfg.maps)
+    progress("anontrace serve: compiling and attaching the BPF programs (BCC)...")
+    started = time.monotonic()
     with _Stop() as signals, TraceSession(opts) as session:
         assert session.plan is not None
+        progress(f"anontrace serve: {session.plan.backend} backend attached in "
+                 f"{time.monotonic() - started:.1f} s; reading the running processes...")
         session.drop_bulk_facts()
         _return_freed_memory()
         build = {"version": __version__, "kernel": os.uname().release,

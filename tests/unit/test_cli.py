@@ -176,3 +176,21 @@ def test_rules_follow_the_config(tmp_path: Path) -> None:
     cfg.write_text("growth:\n  window: 20s\n  for: 5s\n  min_depth_increase: 7\n")
     out = run(["rules", "--config", str(cfg)]).output
     assert "[20s]" in out and "for: 5s" in out and ">= 7" in out, out
+
+
+def test_usage_line_shows_the_command_form() -> None:
+    result = CliRunner().invoke(main, ["--help"], prog_name="anontrace")
+    first = result.output.splitlines()[0]
+    assert first == ("Usage: anontrace [OPTIONS] [SUBCOMMAND [ARGS]...] "
+                     "[-- COMMAND [ARGS...]]"), first
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["make", "-j8"], "put it after --: anontrace -- make -j8"),
+    (["chek"], "Did you mean 'check'?"),
+])
+def test_unknown_subcommand_says_how_to_trace_a_program(args: list[str], hint: str) -> None:
+    result = CliRunner().invoke(main, args, prog_name="anontrace")
+    assert result.exit_code == 2
+    assert f"no such subcommand {args[0]!r}" in result.output and hint in result.output, \
+        result.output

@@ -1,6 +1,7 @@
 """The anontrace command line: thin click commands over the library."""
 from __future__ import annotations
 
+import difflib
 import json
 import signal
 import sys
@@ -28,6 +29,22 @@ class _Group(click.Group):
             ctx.meta[COMMAND_KEY] = tuple(args[i + 1:])
             args = args[:i]
         return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return super().collect_usage_pieces(ctx) + ["[-- COMMAND [ARGS...]]"]
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            # `anontrace make -j8`: the program goes after `--`.
+            program = " ".join([name, *args[1:]])
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
+            maybe = f"Did you mean {close[0]!r}? " if close else ""
+            raise click.UsageError(
+                f"no such subcommand {name!r}. {maybe}To trace a program, put it after --: "
+                f"anontrace -- {program}", ctx)
+        return super().resolve_command(ctx, args)
 
 
 def _sigterm_to_interrupt() -> None:
@@ -99,7 +116,7 @@ def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
     sys.exit(status)
 
 
-@click.group(cls=_Group, invoke_without_command=True,
+@click.group(cls=_Group, invoke_without_command=True, subcommand_metavar="[SUBCOMMAND [ARGS]...]",
              context_settings={"help_option_names": ["-h", "--help"]})
 @_trace_options
 @click.version_option(__version__, prog_name="anontrace")
@@ -136,11 +153,17 @@ def check(as_json: bool) -> None:
       sudo anontrace check --json
     """
     from tracer.commands.check import format_check, run_check
+    from tracer.kernel.facts import require_root
 
+    started = time.monotonic()
     try:
+        require_root()
+        click.echo("Probing every backend: compiling, loading and detaching the BPF "
+                   "programs (BCC)...", err=True)
         report = run_check(KernelEnv())
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo(f"done in {time.monotonic() - started:.1f} s", err=True)
     click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
     if report["backend"] is None:
         sys.exit(1)
@@ -275,7 +298,8 @@ def serve(config_path: Path | None, listen: str | None, check_config: bool) -> N
             return
         from exporters.daemon import run_serve
 
-        run_serve(cfg, listen, on_ready=lambda msg: click.echo(msg, err=True))
+        run_serve(cfg, listen, on_ready=lambda msg: click.echo(msg, err=True),
+                  progress=lambda msg: click.echo(msg, err=True))
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
 
