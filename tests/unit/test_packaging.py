@@ -34,3 +34,23 @@ def test_bpf_sources_and_man_page_are_shipped() -> None:
     assert cfg["options.data_files"]["share/man/man8"].strip() == "docs/anontrace.8"
     assert {p.name for p in (ROOT / "bpf_programs").glob("*.[ch]")} == {
         "anontrace.bpf.c", "anontrace_common.h", "census.bpf.c"}
+
+
+def test_shipped_shell_completion_is_what_click_generates() -> None:
+    """deploy/completion holds click's completion scripts for the current
+    CLI (regenerate: _ANONTRACE_COMPLETE=bash_source anontrace >
+    deploy/completion/anontrace.bash, zsh_source > deploy/completion/_anontrace)."""
+    import click.shell_completion as sc
+
+    from tracer.commands.cli import main
+
+    for shell, path in (("bash", "anontrace.bash"), ("zsh", "_anontrace")):
+        cls = sc.get_completion_class(shell)
+        assert cls is not None
+        script = cls(main, {}, "anontrace", "_ANONTRACE_COMPLETE").source()
+        assert (ROOT / "deploy" / "completion" / path).read_text() == script, path
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    files = cfg["options.data_files"]
+    assert files["share/bash-completion/completions"].strip() == "deploy/completion/anontrace.bash"
+    assert files["share/zsh/site-functions"].strip() == "deploy/completion/_anontrace"
