@@ -54,3 +54,31 @@ def test_shipped_shell_completion_is_what_click_generates() -> None:
     files = cfg["options.data_files"]
     assert files["share/bash-completion/completions"].strip() == "deploy/completion/anontrace.bash"
     assert files["share/zsh/site-functions"].strip() == "deploy/completion/_anontrace"
+
+
+def test_man_page_renders_and_lists_every_option() -> None:
+    """`man -l docs/anontrace.8` renders without warnings and names every
+    subcommand and every long option `--help` shows."""
+    import subprocess
+
+    import click
+
+    from tracer.commands.cli import main
+
+    out = subprocess.run(["man", "-l", "--warnings", str(ROOT / "docs" / "anontrace.8")],
+                         capture_output=True, text=True, check=False,
+                         env={"MANWIDTH": "200", "PATH": "/usr/bin:/bin", "LANG": "C"})
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    page = out.stdout
+    ctx = click.Context(main)
+    commands = [("anontrace", main)] + [(n, main.get_command(ctx, n))
+                                        for n in main.list_commands(ctx)]
+    missing = []
+    for name, cmd in commands:
+        assert cmd is not None
+        if name not in page:
+            missing.append(name)
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                missing += [f"{name} {o}" for o in p.opts if o.startswith("--") and o not in page]
+    assert not missing, missing
