@@ -114,6 +114,7 @@ from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tracer.kernel.procs import busy_cpu_seconds  # noqa: E402  (after the path insert)
 
 SOURCE = REPO / "bench" / "workloads" / "forkloop.c"
 BUILD_DIR = REPO / "build" / "bench"
@@ -192,12 +193,6 @@ class Workload:
 
 
 # ------------------------------------------------------------------ noise
-def _busy_s() -> float:
-    """CPU time spent by the whole machine (all CPUs, not idle/iowait)."""
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _self_s() -> float:
@@ -210,12 +205,12 @@ class Noise:
     other jobs on the machine (a QEMU guest...) make the figures unreliable."""
 
     def __init__(self) -> None:
-        self.busy0, self.self0 = _busy_s(), _self_s()
+        self.busy0, self.self0 = busy_cpu_seconds(), _self_s()
 
     def other_per_s(self, done: dict[str, Any], tracer_s: float = 0.0) -> float:
         """``tracer_s``: CPU time of a tracer process (subprocess variants),
         which is part of what is measured, not noise."""
-        busy = _busy_s() - self.busy0
+        busy = busy_cpu_seconds() - self.busy0
         mine = _self_s() - self.self0 + tracer_s
         wl = (done["utime_ns"] + done["stime_ns"] + done["child_utime_ns"]
               + done["child_stime_ns"]) / 1e9
@@ -227,9 +222,9 @@ def wait_for_quiet(limit_s: float, threshold: float = 0.15) -> float:
     the CPUs other jobs used in the last 0.5 s sample."""
     deadline = time.monotonic() + limit_s
     while True:
-        b0, s0 = _busy_s(), _self_s()
+        b0, s0 = busy_cpu_seconds(), _self_s()
         time.sleep(0.5)
-        other = max(0.0, (_busy_s() - b0) - (_self_s() - s0)) / 0.5
+        other = max(0.0, (busy_cpu_seconds() - b0) - (_self_s() - s0)) / 0.5
         if other <= threshold or time.monotonic() >= deadline:
             return other
 

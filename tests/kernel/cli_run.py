@@ -67,3 +67,15 @@ def start(args: list[str], backend: str, interval: float = 0.3) -> CliRun:
                             stderr=subprocess.PIPE, bufsize=0, env=env,
                             cwd=Path(__file__).resolve().parents[2])
     return CliRun(proc)
+
+
+def start_chain(forkchain_bin, regions: int, generations: int, backend: str) -> CliRun:
+    """`anontrace --json -- forkchain REGIONS GENERATIONS touch`, released
+    and waited for until every generation is forked and ready (the family
+    then stays alive until the run is finished)."""
+    run = start(["--", str(forkchain_bin), str(regions), str(generations), "touch"], backend)
+    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+    run.send(b"g")
+    run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
+                   and len(r.pids()) == generations + 1)
+    return run

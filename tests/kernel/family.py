@@ -13,6 +13,7 @@ from pathlib import Path
 from tracer.format.events import Event, Kind
 from tracer.kernel.bpf_session import TraceOptions, TraceSession
 from tracer.kernel.facts import KernelFacts
+from tracer.kernel.procs import busy_cpu_seconds
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
     """Start forkchain paused, trace it (and not a bystander), let it build
     the chain, optionally inspect it alive, then let it exit and collect."""
     run = FamilyRun(backend, regions, generations)
-    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
+    busy0, own0, t0 = busy_cpu_seconds(), _own_cpu_s(), time.monotonic()
     proc = subprocess.Popen([str(binary), str(regions), str(generations), "touch"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     bystander = subprocess.Popen([str(binary), "2", "2"], stdin=subprocess.PIPE,
@@ -133,17 +134,9 @@ def run_family(binary: Path, backend: str, regions: int, generations: int,
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    other = (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)
+    other = (busy_cpu_seconds() - busy0) - (_own_cpu_s() - own0)
     run.other_cpu_per_s = max(0.0, other) / max(1e-3, time.monotonic() - t0)
     return run
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.kernel.cli_run import CliRun, start
+from tests.kernel.cli_run import CliRun, start, start_chain
 
 GENERATIONS = 4
 REGIONS = 3
@@ -33,11 +33,7 @@ def _wait_reports(run: CliRun, n: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def chain(forkchain_bin, backend) -> tuple[CliRun, dict, int]:
-    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
-    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
-    run.send(b"g")
-    run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
-                   and len(r.pids()) == GENERATIONS + 1)
+    run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend)
     _wait_reports(run)
     alive = run.reports[-1]
     status = run.finish()

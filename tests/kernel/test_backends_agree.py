@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.cli_run import CliRun, start
+from tests.kernel.cli_run import CliRun, start, start_chain
 
 FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_degree", "max_chain", "events")
 REGIONS, GENERATIONS = 3, 4
@@ -48,12 +48,8 @@ def _differ(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> list[
 
 
 def _chain(forkchain_bin, backend: str) -> dict[int, dict[str, Any]]:
-    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
+    run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend)
     try:
-        run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
-        run.send(b"g")
-        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
-                       and len(r.pids()) == GENERATIONS + 1)
         have = len(run.reports)
         run.read_until(lambda r: len(r.reports) >= have + 2)
         alive = run.reports[-1]

@@ -89,17 +89,13 @@ def _drgn_figures(walk: dict) -> dict:
 def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
     """With the family paused and alive, every figure of every process in
     `anontrace --json -- forkchain` equals what drgn reads from the kernel."""
-    from tests.kernel.cli_run import start
+    from tests.kernel.cli_run import start_chain
 
     if not VMLINUX.exists():
         pytest.skip(f"no DWARF vmlinux for {os.uname().release} at {VMLINUX}: drgn ground "
                     "truth runs in the Debian 6.12 guest (scripts/fetch-dbg-vmlinux.sh)")
-    run = start(["--", str(forkchain_bin), str(REGIONS), str(GENERATIONS), "touch"], backend)
+    run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend)
     try:
-        run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
-        run.send(b"g")
-        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
-                       and len(r.pids()) == GENERATIONS + 1)
         pids = run.pids()
         args = [sys.executable, str(ROOT / "tests" / "guest" / "drgn_walk.py"),
                 "--vmlinux", str(VMLINUX), "--json"]

@@ -1,6 +1,7 @@
 """Process lookups in /proc."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tracer.errors import AnontraceError
@@ -44,3 +45,13 @@ def proc_cgroup(pid: int, proc: Path = Path("/proc")) -> str | None:
         if line.startswith("0::"):
             return line[3:] or "/"
     return None
+
+
+def busy_cpu_seconds(proc: Path = Path("/proc")) -> float:
+    """CPU seconds all CPUs spent neither idle nor in iowait since boot
+    (``/proc/stat``): what the whole machine was doing, for comparing a
+    measured run with everything else that ran beside it."""
+    with open(proc / "stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
