@@ -399,7 +399,9 @@ def test_datasource_provisioning():
     doc = yaml.safe_load((DASH_DIR / "provisioning/datasources/anontrace.yaml").read_text())
     assert doc["apiVersion"] == 1
     [ds] = doc["datasources"]
-    assert ds["name"] == "Prometheus" and ds["uid"] == "prometheus"
+    assert ds["name"] == "anontrace Prometheus" and ds["uid"] == "anontrace-prometheus"
+    # Provisioning must work next to an existing default datasource.
+    assert "isDefault" not in ds
     assert ds["type"] == "prometheus" and ds["url"] == "http://localhost:9090"
     # The dashboards' datasource variable lists datasources of this type.
     for path in PATHS:
