@@ -34,6 +34,7 @@ This module only builds text; it imports neither BCC nor the tracer.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yaml
@@ -387,7 +388,9 @@ def _rule_doc(rule: Record | Alert) -> dict[str, object]:
             "annotations": {"summary": rule.summary, "description": rule.description}}
 
 
-def _header(growth: GrowthConfig, d: _Durations) -> list[str]:
+def _header(growth: GrowthConfig, d: _Durations,
+            regenerate: str = "anontrace rules --config /etc/anontrace/anontrace.yaml "
+                              "> anontrace.rules.yml") -> list[str]:
     return [
         "# Prometheus rules for anontrace serve: recording rules and growth alerts.",
         "#",
@@ -399,7 +402,7 @@ def _header(growth: GrowthConfig, d: _Durations) -> list[str]:
         f"#              min_orphaned_increase={growth.min_orphaned_increase!r}, "
         f"min_host_anon_vmas_increase={growth.min_host_anon_vmas_increase!r}).",
         "# Do not edit: change the growth: section of the config and run",
-        "#   anontrace rules --config /etc/anontrace/anontrace.yaml > anontrace.rules.yml",
+        f"#   {regenerate}",
         "#",
         f"# window W = {d.window}, half-window H = {d.half}, slice S = {d.slice}, for = {d.for_}.",
         "# *:rise_window        lowest value of the last S minus the highest value of",
@@ -421,8 +424,29 @@ def render_rules(growth: GrowthConfig) -> str:
     non-finite threshold.
     """
     d = _Durations.of(growth)
-    doc = {"groups": [{"name": g.name, "rules": [_rule_doc(r) for r in g.rules]}
-                      for g in build_groups(growth)]}
-    body = yaml.dump(doc, Dumper=_RulesDumper, sort_keys=False, allow_unicode=True,
+    return "\n".join(_header(growth, d)) + "\n" + _dump({"groups": _groups_doc(growth)})
+
+
+def render_prometheus_rule(growth: GrowthConfig, namespace: str = "anontrace") -> str:
+    """The same groups as a Prometheus Operator ``PrometheusRule`` resource
+    (``anontrace rules --format prometheusrule``), labelled like the
+    ServiceMonitor (app.kubernetes.io/name: anontrace); add the labels your
+    Prometheus's ruleSelector wants with kustomize."""
+    d = _Durations.of(growth)
+    doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+           "metadata": {"name": "anontrace", "namespace": namespace,
+                        "labels": {"app.kubernetes.io/name": "anontrace"}},
+           "spec": {"groups": _groups_doc(growth)}}
+    regenerate = ("anontrace rules --format prometheusrule --config "
+                  "/etc/anontrace/anontrace.yaml > prometheusrule.yaml")
+    return "\n".join(_header(growth, d, regenerate)) + "\n" + _dump(doc)
+
+
+def _groups_doc(growth: GrowthConfig) -> list[dict[str, object]]:
+    return [{"name": g.name, "rules": [_rule_doc(r) for r in g.rules]}
+            for g in build_groups(growth)]
+
+
+def _dump(doc: Mapping[str, object]) -> str:
+    return yaml.dump(doc, Dumper=_RulesDumper, sort_keys=False, allow_unicode=True,
                      width=10_000, default_flow_style=False, indent=2)
-    return "\n".join(_header(growth, d)) + "\n" + body

@@ -18,7 +18,13 @@ import yaml
 
 from exporters.config import GrowthConfig
 from exporters.metrics_spec import sample_names
-from exporters.rules import build_groups, prometheus_duration, render_rules, rule_names
+from exporters.rules import (
+    build_groups,
+    prometheus_duration,
+    render_prometheus_rule,
+    render_rules,
+    rule_names,
+)
 from tests.unit.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,3 +235,19 @@ def test_rules_module_does_not_import_bcc() -> None:
     code = ("import sys; import exporters.rules; "
             "assert 'bcc' not in sys.modules, 'exporters.rules imported bcc'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_shipped_prometheus_rule_is_the_same_groups() -> None:
+    """deploy/kubernetes/prometheusrule.yaml is `anontrace rules --format
+    prometheusrule` of the defaults, and its spec holds exactly the groups of
+    the rule file (which promtool checks above)."""
+    shipped = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
+    assert shipped.read_text() == render_prometheus_rule(GrowthConfig()), (
+        "deploy/kubernetes/prometheusrule.yaml is stale: regenerate it with\n"
+        "  .venv/bin/anontrace rules --format prometheusrule > "
+        "deploy/kubernetes/prometheusrule.yaml")
+    doc = yaml.safe_load(shipped.read_text())
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["metadata"]["labels"] == {"app.kubernetes.io/name": "anontrace"}
+    assert doc["spec"]["groups"] == yaml.safe_load(SHIPPED.read_text())["groups"]
+

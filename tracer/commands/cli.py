@@ -315,24 +315,30 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML config whose growth: section sets the thresholds.")
-def rules(config_path: Path | None) -> None:
+@click.option("--format", "fmt", type=click.Choice(["rules", "prometheusrule"]),
+              default="rules", show_default=True,
+              help="A Prometheus rule file, or a Prometheus Operator PrometheusRule resource.")
+def rules(config_path: Path | None, fmt: str) -> None:
     """Print the Prometheus recording and alerting rules.
 
     The thresholds and windows come from the config's growth: section; the
-    defaults give deploy/prometheus/anontrace.rules.yml.
+    defaults give deploy/prometheus/anontrace.rules.yml and (with --format
+    prometheusrule) deploy/kubernetes/prometheusrule.yaml.
 
     \b
-    Example:
+    Examples:
       anontrace rules --config /etc/anontrace/anontrace.yaml > anontrace.rules.yml
+      anontrace rules --format prometheusrule > prometheusrule.yaml
     """
     from exporters.config import load_config
-    from exporters.rules import render_rules
+    from exporters.rules import render_prometheus_rule, render_rules
 
     try:
         cfg = load_config(config_path)
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(render_rules(cfg.growth), nl=False)
+    render = render_prometheus_rule if fmt == "prometheusrule" else render_rules
+    click.echo(render(cfg.growth), nl=False)
 
 
 if __name__ == "__main__":
