@@ -105,11 +105,24 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
               progress: Callable[[str], None] = lambda msg: None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0.
     ``progress`` hears the start-up phases (the BCC compile takes seconds)."""
-    from tracer.kernel.bpf_session import TraceOptions, TraceSession
     from tracer.kernel.facts import require_root
 
-    require_root()
     host, port = parse_listen(listen or cfg.listen)
+    # Bound before the compile: a port in use or a bad address is a one-line
+    # error at once, with nothing attached.
+    server = HttpServer(host, port)
+    try:
+        require_root()
+        _serve(cfg, server, host, on_ready, stop, progress)
+    finally:
+        server.close()
+    return 0
+
+
+def _serve(cfg: ServeConfig, server: HttpServer, host: str, on_ready: Callable[[str], None],
+           stop: threading.Event | None, progress: Callable[[str], None]) -> None:
+    from tracer.kernel.bpf_session import TraceOptions, TraceSession
+
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
                         events=False, state=True, map_sizes=cfg.maps)
     progress("anontrace serve: compiling and attaching the BPF programs (BCC)...")
@@ -134,17 +147,12 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
         registry = CollectorRegistry()
         AnontraceCollector(export, registry=registry)
         ProcessCollector(registry=registry)
-        server = HttpServer(host, port, make_app(
-            registry, lambda: landing_page(export(), cfg.source)))
-        try:
-            on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
-                     f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
-                     f"{server.port}/metrics")
-            _state_loop(session, kstate, selection, stop or signals.event, signals.event,
-                        census_missing is None)
-        finally:
-            server.close()
-    return 0
+        server.serve(make_app(registry, lambda: landing_page(export(), cfg.source)))
+        on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
+                 f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
+                 f"{server.port}/metrics")
+        _state_loop(session, kstate, selection, stop or signals.event, signals.event,
+                    census_missing is None)
 
 
 class StateServe:

@@ -19,6 +19,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.prometheus import ExportState
+from tracer.errors import AnontraceError
 
 StartResponse = Callable[..., Any]
 
@@ -76,18 +77,36 @@ def make_app(registry: CollectorRegistry,
     return app
 
 
-class HttpServer:
-    """A running server; :meth:`close` stops it."""
+def _not_ready(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"anontrace serve is starting\n"]
 
-    def __init__(self, host: str, port: int, app: Callable[..., Iterable[bytes]]) -> None:
+
+class HttpServer:
+    """The listening socket, bound at once (so that a port in use or a bad
+    address fails before anything is compiled); :meth:`serve` starts
+    answering, :meth:`close` stops."""
+
+    def __init__(self, host: str, port: int) -> None:
         cls = _Server6 if ":" in host else _Server
-        self._httpd = make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
+        try:
+            self._httpd = make_server(host, port, _not_ready, server_class=cls,
+                                      handler_class=_QuietHandler)
+        except OSError as exc:   # in use, not ours to bind, or no such address
+            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+            raise AnontraceError(f"cannot listen on {shown}:{port}: "
+                                 f"{exc.strerror or exc}") from exc
         self.port = self._httpd.server_port
+        self._thread: threading.Thread | None = None
+
+    def serve(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self._httpd.set_app(app)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http",
                                         daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        self._httpd.shutdown()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
         self._httpd.server_close()
-        self._thread.join(timeout=5)
