@@ -9,6 +9,7 @@ leaving the TraceSession context detaches every probe.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
-from exporters.config import ServeConfig, parse_listen
+from exporters.config import ServeConfig, load_config, parse_listen
 from exporters.http import HttpServer, landing_page, make_app
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
 from exporters.view import Snapshot, TopView
@@ -39,9 +40,13 @@ class Selection:
     """Which processes may get per-process series (comm regex, cgroup)."""
 
     def __init__(self, cfg: ServeConfig, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self.update(cfg)
+
+    def update(self, cfg: ServeConfig) -> None:
+        """Select by ``cfg``'s comm regex and cgroup from now on (a reload)."""
         self._re = cfg.selection.comm_re()
         self._cgroup = cfg.selection.cgroup
-        self._proc = proc
         self._cg: dict[int, bool] = {}
 
     def __call__(self, p: ProcRow) -> bool:
@@ -83,15 +88,18 @@ def _running_pids(proc: Path = Path("/proc")) -> list[int]:
 
 
 class _Stop:
-    """SIGTERM/SIGINT set a flag the loop checks every poll."""
+    """SIGTERM/SIGINT set a flag the loop checks every poll; SIGHUP asks it
+    to reload the config."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.reload = threading.Event()
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, lambda *_: self.event.set())
+        self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,8 +159,9 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str, on_ready: Callable[[
         on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
                  f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
                  f"{server.port}/metrics")
+        reloader = Reloader(cfg, kstate, selection, progress)
         _state_loop(session, kstate, selection, stop or signals.event, signals.event,
-                    census_missing is None)
+                    census_missing is None, signals.reload, reloader)
 
 
 class StateServe:
@@ -198,8 +207,61 @@ class StateServe:
             return self._current
 
 
+class Reloader:
+    """SIGHUP: read the config file again. What a running daemon can change
+    without re-attaching (selection, top-K, expiry) is applied; anything else
+    is reported as needing a restart; an invalid file keeps the old config."""
+
+    # Fields whose change needs the programs loaded again, or a new socket.
+    RESTART = (("listen", "listen"), ("backend", "backend"), ("maps", "maps"),
+               ("selection.pids", "selection pids"))
+
+    def __init__(self, cfg: ServeConfig, kstate: StateServe, selection: Selection,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.kstate, self.selection, self.log = cfg, kstate, selection, log
+
+    def reload(self) -> ServeConfig:
+        if self.cfg.source == "<defaults>":
+            self.log("anontrace serve: SIGHUP: no config file to reload (started without "
+                     "--config)")
+            return self.cfg
+        try:
+            new = load_config(Path(self.cfg.source))
+        except AnontraceError as exc:
+            self.log(f"anontrace serve: SIGHUP: config not reloaded, keeping the running "
+                     f"one: {exc}")
+            return self.cfg
+        old = self.cfg
+        for path, name in self.RESTART:
+            if _field(old, path) != _field(new, path):
+                self.log(f"anontrace serve: SIGHUP: {name} changed in {new.source}: "
+                         "takes effect after a restart")
+        view = self.kstate.view
+        with self.kstate.lock:
+            view.top_k = new.top_k
+            view.expiry_s = new.exited_expiry_seconds
+            self.selection.update(new)
+        self.log(f"anontrace serve: SIGHUP: reloaded {new.source} (top_k {new.top_k}, "
+                 f"exited_expiry {new.exited_expiry_seconds:g} s, selection applied)")
+        # Keep what still runs for the restart-only fields: the next reload
+        # compares with what is really in effect.
+        self.cfg = dataclasses.replace(
+            new, listen=old.listen, backend=old.backend, maps=old.maps,
+            selection=dataclasses.replace(new.selection, pids=old.selection.pids))
+        return self.cfg
+
+
+def _field(cfg: ServeConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _state_loop(session: Any, kstate: StateServe, selection: Selection,
-                stop: threading.Event, signalled: threading.Event, can_census: bool) -> None:
+                stop: threading.Event, signalled: threading.Event, can_census: bool,
+                reload_asked: threading.Event | None = None,
+                reloader: Reloader | None = None) -> None:
     """Refresh the snapshot every SNAPSHOT_S; drop processes whose exit was
     missed; after inserts refused by full maps, once they stop, rebuild the
     maps from a census."""
@@ -208,6 +270,9 @@ def _state_loop(session: Any, kstate: StateServe, selection: Selection,
     next_resync = now + RESYNC_MIN_S
     synced_full = prev_full = 0
     while not (stop.wait(SNAPSHOT_S) or signalled.is_set()):
+        if reload_asked is not None and reload_asked.is_set() and reloader is not None:
+            reload_asked.clear()
+            reloader.reload()
         now = time.monotonic()
         selection.forget(kstate.refresh(session, now))
         if now >= next_sweep:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -311,3 +312,51 @@ def _every_rule_expression(prom: Prometheus, serve: Serve) -> None:
     shipped_names = {r.get("alert") or r.get("record") for g in shipped["groups"]
                      for r in g["rules"]}
     assert shipped_names == {r["name"] for r in rules}
+
+
+def _process_pids(text: str) -> set[str]:
+    return {s.labels["pid"] for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == "anontrace_process_anon_vmas"}
+
+
+@pytest.mark.method_agnostic
+def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: str) -> None:
+    """SIGHUP with a smaller top_k shrinks the per-process series at once;
+    SIGHUP with a broken file keeps the running config and serves on;
+    SIGTERM then exits 0 with every program gone."""
+    if os.environ.get("ANONTRACE_GUEST"):
+        pytest.skip("reloading is user-space logic, the same on every kernel: runs on the host")
+    if backend != "auto":
+        pytest.skip(f"runs once, in the host's auto pass, not {backend}")
+    base = "exited_expiry: 5s\ngrowth:\n  window: 20s\n  for: 5s\n"
+    srv = Serve(tmp_path, base + "top_k: 30\n")
+    try:
+        ours = bpf_prog_ids() - srv.progs_before
+        deadline = time.monotonic() + 30
+        while len(_process_pids(srv.metrics())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        before = _process_pids(srv.metrics())
+        # Every host runs at least this test's python and serve itself.
+        assert len(before) >= 3, before
+        srv.config.write_text(base + "top_k: 2\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while len(_process_pids(srv.metrics())) > 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(_process_pids(srv.metrics())) == 2, srv.output()
+        assert "SIGHUP: reloaded" in srv.output()
+        srv.config.write_text(base.replace("exited_expiry: 5s", "exited_expiry: soon")
+                              + "top_k: 2\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "config not reloaded" not in srv.output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert f"{srv.config}:1" in srv.output(), srv.output()
+        assert srv.proc.poll() is None and len(_process_pids(srv.metrics())) == 2
+    finally:
+        status = srv.stop()
+    assert status == 0, srv.output()
+    deadline = time.monotonic() + 20
+    while ours & bpf_prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not (ours & bpf_prog_ids()), "programs left attached after SIGTERM"

@@ -275,7 +275,7 @@ def serve(config_path: Path | None, listen: str | None, check_config: bool) -> N
 
     Attaches the probes, keeps the model of every process and serves
     /metrics and a status page. SIGTERM or SIGINT detaches every probe and
-    exits 0.
+    exits 0; SIGHUP reloads the config (selection, top_k, exited_expiry).
 
     \b
     Examples:
