@@ -328,16 +328,22 @@ def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: s
         pytest.skip("reloading is user-space logic, the same on every kernel: runs on the host")
     if backend != "auto":
         pytest.skip(f"runs once, in the host's auto pass, not {backend}")
-    base = "exited_expiry: 5s\ngrowth:\n  window: 20s\n  for: 5s\n"
+    # Four idle processes of a name nothing else on the host has: the only
+    # ones selected, so the series counts are known whatever else runs.
+    idle = tmp_path / "hupidle"
+    idle.write_bytes(Path("/bin/sleep").read_bytes())
+    idle.chmod(0o755)
+    idlers = [subprocess.Popen([str(idle), "300"]) for _ in range(4)]
+    base = ('exited_expiry: 5s\ngrowth:\n  window: 20s\n  for: 5s\n'
+            'selection:\n  comm: "^hupidle$"\n')
     srv = Serve(tmp_path, base + "top_k: 30\n")
     try:
         ours = bpf_prog_ids() - srv.progs_before
         deadline = time.monotonic() + 30
-        while len(_process_pids(srv.metrics())) < 3 and time.monotonic() < deadline:
+        while len(_process_pids(srv.metrics())) < 4 and time.monotonic() < deadline:
             time.sleep(0.5)
         before = _process_pids(srv.metrics())
-        # Every host runs at least this test's python and serve itself.
-        assert len(before) >= 3, before
+        assert before == {str(p.pid) for p in idlers}, (before, srv.output())
         srv.config.write_text(base + "top_k: 2\n")
         srv.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
@@ -355,6 +361,9 @@ def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: s
         assert srv.proc.poll() is None and len(_process_pids(srv.metrics())) == 2
     finally:
         status = srv.stop()
+        for p in idlers:
+            p.kill()
+            p.wait()
     assert status == 0, srv.output()
     deadline = time.monotonic() + 20
     while ours & bpf_prog_ids() and time.monotonic() < deadline:
