@@ -32,9 +32,13 @@ TOP_K = 5
 # Short-lived processes in the churn test (fewer under QEMU TCG, ~10x slower).
 CHURN = 600 if os.environ.get("ANONTRACE_GUEST") else 3000
 DEEPEN_GENERATIONS = 30
-# Only the test's own workloads may get per-process series (the churn's
-# hostile names start with these), so their ranking holds on a busy host.
-COMM = r"^(a\"b|c\\\\d|e|\\{g=\\}|h|j,k|churn|forkloop|forkchain|deepen)"
+# Only the test's own workloads may get per-process series, so their
+# ranking holds on a busy host. Of the churn's hostile names only those with a
+# quote or a backslash (the characters a label value must escape) are
+# selected: the top-K then holds one of them by construction (with every
+# name selected, one 6.1 guest run ranked only "e\\nf" children first). The
+# other names' control bytes are covered by tests/unit/test_exporter.py.
+COMM = r"^(a\"b|c\\\\d|churn|forkloop|forkchain|deepen)"
 # Rules rendered with a compressed window so alerts resolve within a test:
 # the same expressions as deploy/prometheus/anontrace.rules.yml, other numbers.
 CONFIG = f"""\
@@ -153,7 +157,6 @@ def test_series_bounded_through_churn(serve: Serve) -> None:
     assert most == TOP_K, "top-K never filled: the churn was not seen"
     # Hostile names made it through as label values, control bytes replaced.
     assert any('"' in c or "\\" in c for c in comms), comms
-    assert not any("\n" in c for c in comms)
     time.sleep(7)   # exited_expiry 5s, then the next housekeeping
     series = _series(serve.metrics())
     labelled = [n for n, lab in series if "pid" in lab and re.search(r"\d", lab["pid"])]
