@@ -35,7 +35,7 @@ status=0
 run_pytest() {  # label, then pytest arguments
     local label=$1
     shift
-    "$py" -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$results/$label.log"
+    "$py" -m pytest -q -rs --durations=8 -p no:cacheprovider "$@" 2>&1 | tee "$results/$label.log"
     local rc=${PIPESTATUS[0]}
     echo "$rc" > "$results/$label.rc"
     [ "$rc" = 0 ] || status=1
@@ -65,7 +65,7 @@ if [ "$guests" = 1 ]; then
         echo "== kernel tests: Debian $series under QEMU (auto, fentry, kprobe)"
         guest_cmd="for m in auto fentry kprobe; do
             echo \"== guest \$(uname -r) \$m\";
-            ANONTRACE_GUEST=1 ANONTRACE_TEST_BACKEND=\$m $py -m pytest -q -rs -p no:cacheprovider tests/kernel \
+            ANONTRACE_GUEST=1 ANONTRACE_TEST_BACKEND=\$m $py -m pytest -q -rs --durations=8 -p no:cacheprovider tests/kernel \
                 > $results/$series-\$m.log 2>&1;
             echo \$? > $results/$series-\$m.rc; cat $results/$series-\$m.log; done"
         "$py" tests/guest/boot.py --kernel "$series" --timeout 1800 -- "$guest_cmd"
