@@ -971,6 +971,17 @@ static __always_inline void close_run(struct pending *p, int fork_follows)
     p->grp_mm = 0;
 }
 
+// A clone-site entry of another VMA: the previous run ends and one on ``vma``
+// (of mm ``mm``) begins; a run into an mm other than the current task's is
+// part of a fork.
+static __always_inline void begin_run(struct pending *p, u64 vma, u64 mm, u64 cur_mm)
+{
+    close_run(p, 0);
+    p->grp_vma = vma;
+    if (mm && cur_mm && mm != cur_mm)
+        p->grp_mm = mm;
+}
+
 // A deferred chain-entry allocation: its facts are final now.
 // ``superseded``: a fork-site entry for the same VMA follows (or, since the
 // 7.0 rework, is held), whose apply will take the VMA's final state; this
@@ -990,12 +1001,8 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
         u64 anon_vma;
         u64 vma = read_avc(&w->e, avc, &anon_vma);
         if (vma && vma != p->grp_vma) {
-            close_run(p, 0);
-            p->grp_vma = vma;
             u64 mm = rd64(vma + OFF_VMA_MM);
-            u64 cur = rd64((u64)bpf_get_current_task() + OFF_TASK_MM);
-            if (mm && cur && mm != cur)
-                p->grp_mm = mm;
+            begin_run(p, vma, mm, rd64((u64)bpf_get_current_task() + OFF_TASK_MM));
             st_count(mm_get(mm, 1), K_ANON_VMA_CLONE - K_ANON_VMA_FORK);
         }
         return;
@@ -1008,10 +1015,7 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
     u32 probe = NO_PROBE;
     if (site == S_CLONE) {
         if (e->vma != p->grp_vma) {
-            close_run(p, 0);
-            p->grp_vma = e->vma;
-            if (e->mm && e->cur_mm && e->mm != e->cur_mm)
-                p->grp_mm = e->mm;
+            begin_run(p, e->vma, e->mm, e->cur_mm);
             probe = K_ANON_VMA_CLONE - K_ANON_VMA_FORK;
         }
     } else if (site == S_FORK) {

@@ -78,6 +78,8 @@ def make_app(registry: CollectorRegistry,
 
 
 def _not_ready(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    # The app the socket is bound with; no request reaches it (nothing is
+    # served until :meth:`HttpServer.serve` sets the real one).
     start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
     return [b"anontrace serve is starting\n"]
 
