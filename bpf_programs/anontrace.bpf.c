@@ -540,13 +540,11 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
     vma_account(mm, av, e->chain_len, 1);
 }
 
-// Before v6.16 do_exit() ran exit_mm() (which clears current->mm, then tears
-// the mm down) before trace_sched_process_exit(); v6.16 moved the tracepoint
-// ahead of exit_mm() (LKML "exit: move trace_sched_process_exit earlier in
-// do_exit()", 2025). On the older kernels the first unlink of a process's own
-// teardown takes its exit figures, so that a report made before its exit
-// event does not show it alive with a half-emptied mm, and its figures at
-// exit mean "before its teardown" on every kernel (README "Definitions").
+// anontrace_compat.h: exit_event_before_exit_mm. Where exit_mm() runs before
+// the exit event, the first unlink of a process's own teardown takes its exit
+// figures, so that a report made before its exit event does not show it alive
+// with a half-emptied mm, and its figures at exit mean "before its teardown"
+// on every kernel (README "Definitions").
 static __always_inline void st_exit_begins(u64 mm)
 {
     if (rd64((u64)bpf_get_current_task() + OFF_TASK_MM))
@@ -683,12 +681,8 @@ KRETFUNC_PROBE(anon_vma_fork, u64 vma, u64 pvma, int ret)
 #endif
 
 #if CLONE_METHOD == 1
-#if CLONE_NARGS == 3
-// 7.0 ("mm: clean up anon_vma implementation") adds enum vma_operation.
-KRETFUNC_PROBE(anon_vma_clone, u64 dst, u64 src, u64 op, int ret)
-#else
-KRETFUNC_PROBE(anon_vma_clone, u64 dst, u64 src, int ret)
-#endif
+// anontrace_compat.h: anon_vma_rework (the parameter list).
+KRETFUNC_PROBE_X(anon_vma_clone, ANON_VMA_CLONE_PARAMS, int ret)
 {
     emit_vma_event(ctx, K_ANON_VMA_CLONE, dst, src, 0, ret);
     return 0;
@@ -886,17 +880,9 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 //   after it                                  -> one anon_vma_fork that reused
 //                                                an ancestor anon_vma
 //   unlink-site entry frees of one VMA        -> one unlink_anon_vmas
-#if CLONE_NARGS >= 3
-// The 7.0 anon_vma rework ("mm: clean up anon_vma implementation", the series
-// that gave anon_vma_clone() its third argument, which is how it is detected)
-// made anon_vma_fork() allocate its anon_vma and chain entry *before* cloning
-// the parent's chain, and free both when the clone reused an ancestor (seen
-// in 7.2: two kmem_cache_alloc calls, anon_vma_clone, then the anon_vma's
-// free from put_anon_vma and the entry's free from anon_vma_fork). Until the
-// operation ends those objects are not initialised: nothing may be read from
-// them, and their free means "reused".
-#define FORK_ALLOCATES_FIRST
-#endif
+// Where anon_vma_fork() allocates before cloning (FORK_ALLOCATES_FIRST,
+// anontrace_compat.h: anon_vma_rework), its objects are held unread until the
+// operation ends, and their free means "reused".
 
 struct pending {
     u64 clone_avc;
@@ -911,8 +897,7 @@ struct pending {
 };
 
 #ifdef HAVE_TASK_STORAGE
-// Task-local storage (v5.11: 4cf1bc1f1045, tracing programs a10787e6d58c):
-// found through the task, no hash, no bucket lock, freed with the task. A
+// Task-local storage (anontrace_compat.h: task_storage): found through the task, no hash, no bucket lock, freed with the task. A
 // fork's teardown touches the pending state about 150 times, and hash map
 // updates and deletes were most of what tracing cost it.
 BPF_TASK_STORAGE(pending, struct pending);
@@ -983,8 +968,8 @@ static __always_inline void begin_run(struct pending *p, u64 vma, u64 mm, u64 cu
 }
 
 // A deferred chain-entry allocation: its facts are final now.
-// ``superseded``: a fork-site entry for the same VMA follows (or, since the
-// 7.0 rework, is held), whose apply will take the VMA's final state; this
+// ``superseded``: a fork-site entry for the same VMA follows (or, after the
+// anon_vma rework, is held), whose apply will take the VMA's final state; this
 // clone-site entry then only counts its run. Applying it too would move the
 // VMA through a chain length it keeps for microseconds, at several map
 // updates: under a fork storm that was half of what the state cost.
@@ -1030,7 +1015,7 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
 }
 
 // A pending clone-site entry is flushed. ``fork_next``: the allocation
-// that flushes it is fork-site (before the 7.0 rework anon_vma_fork
+// that flushes it is fork-site (before the anon_vma rework anon_vma_fork
 // allocates its own entry right after cloning).
 static __always_inline void flush_clone(void *ctx, struct pending *p, int fork_next)
 {
@@ -1273,18 +1258,16 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 }
 
 #ifdef KMEM_RAW
-// Raw tracepoints skip building the trace record (the perf-style
-// tracepoint copies the cache name on every slab operation system-wide).
-// Arguments since v6.1 ("mm/tracing: add 'accounted' entry into output of
-// allocation tracepoints" era): call_site, ptr, struct kmem_cache *s, ...;
-// the position of `s` comes from BTF (btf_trace_kmem_cache_*).
+// Raw tracepoints skip building the trace record (anontrace_compat.h:
+// kmem_cache_arg). Arguments: call_site, ptr, then the cache at the position
+// BTF gave.
 #if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
 {
     u32 site = site_of(ctx->args[0]);
     if (!site || !wanted())
         return 0;
-    u64 cache = ctx->args[KMEM_ALLOC_CACHE_ARG];
+    u64 cache = KMEM_ALLOC_CACHE(ctx);
     handle_alloc(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
     return 0;
 }
@@ -1300,7 +1283,7 @@ RAW_TRACEPOINT_PROBE(kmem_cache_free)
     if (!traced)
         return 0;
 #endif
-    u64 cache = ctx->args[KMEM_FREE_CACHE_ARG];
+    u64 cache = KMEM_FREE_CACHE(ctx);
     // The anon_vma cache is never merged (it has a constructor), so its
     // object size identifies it among the objects rmap functions free.
     handle_free(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE, ctx->args[1],
@@ -1330,7 +1313,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
         return 0;
 #endif
     int is_av;
-#ifdef KMEM_FREE_HAS_NAME
+#ifdef KMEM_FREE_HAS_NAME   // anontrace_compat.h: kmem_free_name
     // The anon_vma cache is never merged (it has a constructor); the
     // anon_vma_chain cache is, so its name cannot be trusted alone.
     char name[10] = {};
@@ -1446,8 +1429,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     int idx = 0;
     struct zeros *z = st_zero.lookup(&idx);
     if (p && z && (p->flags & P_ALIVE)) {
-        // Figures as of the exit event, which since v6.16 precedes the mm
-        // teardown (before it, st_exit_begins took them).
+        // Figures as of the exit event where it precedes the mm teardown
+        // (anontrace_compat.h: exit_event_before_exit_mm; on the older order
+        // st_exit_begins took them).
         u64 mm = p->mm;
         struct mmstate *m = mm ? st_mm.lookup(&mm) : 0;
         if (p->flags & P_EXITING)
@@ -1460,8 +1444,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
         __builtin_memcpy(p->comm, e->comm, sizeof(p->comm));
         p->flags &= ~P_ALIVE;
 #ifndef HAVE_EXIT_MMAP_TP
-        // No exit_mmap tracepoint (before v6.1): an mm already torn down
-        // goes now.
+        // No exit_mmap tracepoint (anontrace_compat.h: exit_mmap_tracepoint):
+        // an mm already torn down goes now.
         if (m && m->nvmas == 0)
             st_mm_gone(mm);
 #endif
@@ -1472,9 +1456,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 }
 
 #if defined(HAVE_EXIT_MMAP_TP) && (defined(DERIVE_FROM_KMEM) || defined(WITH_STATE))
-// exit_mmap ends an mm's teardown (tracepoint mmap:exit_mmap, v6.1). Since
-// v6.16 a task's exit event precedes exit_mm(), so the derived backend
-// flushes here too; the state forgets the mm.
+// exit_mmap ends an mm's teardown (anontrace_compat.h: exit_mmap_tracepoint).
+// Where a task's exit event precedes exit_mm() (exit_event_before_exit_mm)
+// the derived backend flushes here too; the state forgets the mm.
 RAW_TRACEPOINT_PROBE(exit_mmap)
 {
 #ifdef DERIVE_FROM_KMEM
@@ -1488,9 +1472,10 @@ RAW_TRACEPOINT_PROBE(exit_mmap)
 #endif
 
 #ifdef FILTER_ENABLED
-// Forget a traced process only when its task is freed: since v6.16 the exit
-// tracepoint fires before exit_mm(), and the mm teardown (the frees we want)
-// comes after it.
+// Forget a traced process only when its task is freed: where the exit
+// tracepoint fires before exit_mm() (anontrace_compat.h:
+// exit_event_before_exit_mm), the mm teardown (the frees we want) comes after
+// it.
 RAW_TRACEPOINT_PROBE(sched_process_free)
 {
     u64 task = ctx->args[0];
@@ -1503,8 +1488,7 @@ RAW_TRACEPOINT_PROBE(sched_process_free)
 
 #ifdef WITH_STATE
 // The census: seed the state with every VMA of the processes running when
-// tracing began (task_vma iterator, v5.12; a TRACING program: kernels that
-// refuse fentry may still run it). Same facts and the same update as a
+// tracing began (anontrace_compat.h: task_vma_iter). Same facts and the same update as a
 // traced operation, counted as no probe event.
 BPF_ITER(task_vma)
 {

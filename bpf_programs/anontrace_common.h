@@ -6,6 +6,8 @@
 #ifndef ANONTRACE_COMMON_H
 #define ANONTRACE_COMMON_H
 
+#include "anontrace_compat.h"
+
 #define K_ANON_VMA_FORK 1
 #define K_ANON_VMA_CLONE 2
 #define K_UNLINK_ANON_VMAS 3
@@ -61,7 +63,7 @@ struct event {
     u64 root;
     u64 aux;         // clone: src vma; rmap: page/folio; kmem: the avc; fork: child mm
     u64 aux2;        // rmap: address; kmem: avc->anon_vma; proc: ppid-side mm
-    u64 num_children;   // or degree on kernels before 2555283eb40d
+    u64 num_children;   // or degree (anontrace_compat.h: anon_vma_degree)
     u64 num_active_vmas;
     u32 kind;
     u32 tgid;
@@ -129,13 +131,7 @@ static __always_inline void fill_anon_vma(struct event *e, u64 av)
     READ_SPAN(sp->av, av, AV);
     e->root = SPAN_U64(sp->av, AV, AV_ROOT);
     e->parent = SPAN_U64(sp->av, AV, AV_PARENT);
-#ifdef AV_HAS_DEGREE
-    // Before 2555283eb40d (v6.0) one `degree` counted children + VMAs.
-    e->num_children = SPAN_NUM(sp->av, AV, AV_DEGREE);
-#else
-    e->num_children = SPAN_NUM(sp->av, AV, AV_NUM_CHILDREN);
-    e->num_active_vmas = SPAN_NUM(sp->av, AV, AV_NUM_ACTIVE_VMAS);
-#endif
+    READ_AV_FANOUT(e, sp->av);   // anontrace_compat.h: anon_vma_num_children
     // A root anon_vma is its own parent (anon_vma_alloc()).
     u64 cur = av;
     u64 p = e->parent;
@@ -204,7 +200,7 @@ struct bpf_iter__task_vma {
     union { struct vm_area_struct *vma; };
 };
 
-// The census (task_vma iterator, v5.12): the process whose VMA ``vma`` is,
+// The census (anontrace_compat.h: task_vma_iter): the process whose VMA ``vma`` is,
 // or 0 when there is nothing to read: a thread's visit (threads share their
 // leader's mm, so each mm is visited once) or a VMA without an anon_vma.
 static __always_inline u32 census_tgid(u64 task, u64 vma)

@@ -2,8 +2,7 @@
 //
 // anontrace census: the anon_vma facts of every VMA of the traced processes
 // that were running before tracing began, read once with a task_vma BPF
-// iterator (v5.12+; a TRACING program, so kernels that refuse fentry refuse
-// it too). Each record is a K_CENSUS_VMA struct event, written to the
+// iterator (anontrace_compat.h: task_vma_iter). Each record is a K_CENSUS_VMA struct event, written to the
 // iterator's seq_file.
 
 #include "anontrace_common.h"

@@ -154,15 +154,3 @@ def test_flags_are_sorted_and_program_exists() -> None:
 def test_task_storage_define_follows_the_feature() -> None:
     assert "HAVE_TASK_STORAGE" in defines("6.18", "tracepoint", BuildOptions(task_storage=True))
     assert "HAVE_TASK_STORAGE" not in defines("6.18", "tracepoint", BuildOptions())
-
-
-def test_task_storage_probe_needs_both_symbols() -> None:
-    """Task storage from tracing programs and bpf_get_current_task_btf()
-    both came in v5.11: the probe wants both symbols."""
-    from tracer.kernel.facts import task_storage_available
-    from tracer.kernel.kernel_env import Kallsyms
-
-    both = Kallsyms("0 T bpf_task_storage_get\n0 T bpf_get_current_task_btf\n")
-    assert task_storage_available(both)
-    assert not task_storage_available(Kallsyms("0 T bpf_task_storage_get\n"))
-    assert not task_storage_available(Kallsyms("0 T bpf_get_current_task_btf\n"))

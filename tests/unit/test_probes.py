@@ -7,12 +7,12 @@ import pytest
 
 from tests.unit import kfix
 from tracer.kernel.btf import Btf, BtfError
+from tracer.kernel.compat import RMAP_CANDIDATES
 from tracer.kernel.kernel_env import Kallsyms
 from tracer.kernel.probes import (
     BACKENDS,
     KMEM_SITES,
     LOGICAL_PROBES,
-    RMAP_CANDIDATES,
     Plan,
     RmapArgs,
     kmem_sites,

@@ -35,7 +35,8 @@ from tracer.pipeline.stream import EventStream
 Emit = Callable[[dict[str, Any]], None]
 
 # After the last traced process exits, wait this long without events for its
-# mm teardown (frees come after the exit event on kernels before v6.16).
+# mm teardown (frees come after the exit event on kernels whose exit event
+# precedes exit_mm(): docs/kernels.md, "Exit ordering").
 SETTLE_SECONDS = 0.5
 
 

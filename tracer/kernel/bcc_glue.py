@@ -6,6 +6,7 @@ ctypes bindings, and the memory housekeeping after a compile.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -28,6 +29,30 @@ def import_bcc() -> Any:
             "anontrace with /usr/bin/python3 or a venv made with --system-site-packages"
         ) from exc
     return bcc
+
+
+def new_bpf(bcc: Any, **kwargs: Any) -> Any:
+    """``bcc.BPF(**kwargs)``, but when the constructor fails (a program the
+    kernel refuses to load, e.g. fentry under lockdown) the half-built
+    object's maps are freed at once. BCC registers the object's cleanup with
+    atexit before compiling, so otherwise the failed attempt's maps (tens of
+    MB for the state maps) stay allocated until the process exits."""
+    made: list[Any] = []
+
+    class _Tracked(bcc.BPF):
+        def __init__(self, **kw: Any) -> None:
+            made.append(self)
+            super().__init__(**kw)
+
+    try:
+        return _Tracked(**kwargs)
+    except BaseException:
+        for obj in made:
+            atexit.unregister(obj.cleanup)
+            with contextlib.suppress(Exception):
+                if getattr(obj, "module", None):
+                    obj.cleanup()
+        raise
 
 
 COMPILER_LIB = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
@@ -114,7 +139,7 @@ _ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for t
 
 def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
     """Every entry of a hash map, key (an unsigned int of ``key_size``
-    bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (v5.6) in chunks of a
+    bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (compat: lookup_batch) in chunks of a
     few thousand entries; entry by entry where the kernel has no batch ops."""
     from bcc import libbcc
 

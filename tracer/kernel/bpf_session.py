@@ -36,11 +36,13 @@ from tracer.kernel.bcc_glue import (
     import_bcc,
     iterator_error,
     last_line,
+    new_bpf,
     read_iterator,
     settle_heap,
     verifier_hint,
 )
 from tracer.kernel.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
+from tracer.kernel.compat import change
 from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import (
     Kallsyms,
@@ -90,6 +92,7 @@ class Attempt:
     backend: str
     ok: bool
     error: str | None = None
+    seconds: float = 0.0   # compiling, loading and attaching (0: not tried)
 
 
 class TraceSession:
@@ -112,6 +115,7 @@ class TraceSession:
         self._perf_lost = 0
         self._stream = EventStream(derive=False)
         self._state_iter: Any = None
+        self.facts_seconds = 0.0   # reading kallsyms, BTF and tracefs
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> TraceSession:
@@ -131,7 +135,9 @@ class TraceSession:
             raise AnontraceError(f"unknown backend {self.options.backend!r}; "
                                  f"choose one of {', '.join(BACKEND_CHOICES)}")
         if self.facts is None:
+            started = time.monotonic()
             self.facts = read_kernel_facts(self.options.env)
+            self.facts_seconds = time.monotonic() - started
         facts = self.facts
         if facts.layout is None:
             raise AnontraceError(f"cannot read struct offsets from BTF: {facts.btf_error}")
@@ -153,13 +159,15 @@ class TraceSession:
                        "; ".join(f"{p}: {r}" for p, r in failed.items()))
                 self.attempts.append(Attempt(backend, False, why))
                 continue
+            started = time.monotonic()
             try:
                 self._load(bcc, plan)
             except AttachFailed as exc:
-                self.attempts.append(Attempt(backend, False, str(exc)))
+                self.attempts.append(Attempt(backend, False, str(exc),
+                                             time.monotonic() - started))
                 self._release()
                 continue
-            self.attempts.append(Attempt(backend, True))
+            self.attempts.append(Attempt(backend, True, None, time.monotonic() - started))
             self.plan = plan
             self._stream = EventStream(derive=backend == "tracepoint" and self.streams_events,
                                        keep_objects=self.options.object_events)
@@ -230,7 +238,8 @@ class TraceSession:
         if transport == "auto":
             transport = "ringbuf" if facts.ringbuf_available else "perf"
         if transport == "ringbuf" and not facts.ringbuf_available:
-            raise AnontraceError("this kernel has no BPF ring buffer (v5.8+): use --transport perf")
+            raise AnontraceError("this kernel has no BPF ring buffer (since "
+                                 f"{change('ringbuf').release}): use --transport perf")
         self.transport = transport
         return BuildOptions(
             ringbuf=transport == "ringbuf",
@@ -271,7 +280,7 @@ class TraceSession:
         try:
             # fentry/fexit and tracepoint programs attach as they load.
             with captured_stderr(captured):
-                self._bpf = bcc.BPF(src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
+                self._bpf = new_bpf(bcc, src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on load errors
             detail = last_line(str(exc)) or type(exc).__name__
             hint = verifier_hint(captured[0] if captured else "")
@@ -358,7 +367,7 @@ class TraceSession:
                 opts = dataclasses.replace(self._build_options(self.plan), census_all=census_all)
                 flags = cflags(self.plan, self.facts.layout, opts) + ["-w"]
                 with captured_stderr(captured):
-                    prog = bcc.BPF(src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
+                    prog = new_bpf(bcc, src_file=str(CENSUS_PROGRAM).encode(), cflags=flags)
                     fn = prog.load_func(b"bpf_iter__task_vma", bcc.BPF.TRACING)
                 cached = (prog, fn)
             else:
@@ -483,7 +492,7 @@ class TraceSession:
 
     def _recursion_misses(self) -> int:
         """Program runs the kernel skipped because the program was already
-        running on that CPU (bpf_prog_info.recursion_misses, v5.12+), read
+        running on that CPU (bpf_prog_info.recursion_misses; compat: recursion_misses), read
         from each program fd's fdinfo."""
         total = 0
         if self._bpf is None:

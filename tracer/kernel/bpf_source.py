@@ -53,7 +53,7 @@ class BuildOptions:
     events: bool = True       # stream events through the ring/perf buffer
     state: bool = False       # keep the figures in maps (tracer/kernel/kstate.py reads them)
     map_sizes: MapSizes | None = None
-    prealloc: bool = True     # preallocate the state maps (kernels before v6.1 need it)
+    prealloc: bool = True     # preallocate the state maps (compat: no_prealloc_tracing)
 
 
 @dataclass(frozen=True)
@@ -135,10 +135,8 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["ST_MM_MAX"] = sizes.mms
         d["ST_PROC_MAX"] = sizes.processes
         d["ST_FAM_MAX"] = sizes.families
-        # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front.
-        # Tracing programs may use such maps since commit 96da3f7d489d ("bpf:
-        # Remove tracing program restriction on map types", v6.1), on top of
-        # the BPF memory allocator (tracer.kernel.facts.no_prealloc_allowed).
+        # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front,
+        # where tracing programs may use such maps (compat: no_prealloc_tracing).
         d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

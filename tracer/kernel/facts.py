@@ -1,7 +1,7 @@
 """What the running kernel offers, read once before anything is compiled:
 kallsyms, BTF and the struct layout, tracefs formats, slab sizes, headers,
-and the features each build option depends on (each with the kernel commit
-that brought it)."""
+and the features each build option depends on (the feature tests and the
+kernel commits behind them are in tracer.kernel.compat)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,13 @@ from dataclasses import dataclass
 
 from tracer.errors import AnontraceError
 from tracer.kernel.btf import Btf, BtfError, load_btf
+from tracer.kernel.compat import (
+    kmem_free_has_name,
+    kmem_raw_cache_args,
+    no_prealloc_allowed,
+    ringbuf_available,
+    task_storage_available,
+)
 from tracer.kernel.headers import Headers, HeadersError, find_headers
 from tracer.kernel.kernel_env import (
     Kallsyms,
@@ -20,7 +27,6 @@ from tracer.kernel.kernel_env import (
     tracepoint_format,
 )
 from tracer.kernel.layout import KernelLayout, read_layout
-from tracer.kernel.probes import kmem_raw_cache_args
 
 
 def require_root() -> None:
@@ -51,22 +57,6 @@ class KernelFacts:
     headers_error: str | None
 
 
-def task_storage_available(kallsyms: Kallsyms) -> bool:
-    """Task-local storage from tracing programs, reached through
-    bpf_get_current_task_btf(): both v5.11 (4cf1bc1f1045, a10787e6d58c,
-    3ca1032ab7ab)."""
-    return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
-
-
-def no_prealloc_allowed(kallsyms: Kallsyms) -> bool:
-    """Whether tracing programs may use hash maps that allocate as entries
-    come (BPF_F_NO_PREALLOC): since commit 96da3f7d489d ("bpf: Remove tracing
-    program restriction on map types", v6.1), which rests on the BPF memory
-    allocator of the same release (7c8199e24fa0, "bpf: Introduce any context
-    BPF specific memory allocator."), whose entry point kallsyms then shows."""
-    return "bpf_mem_alloc" in kallsyms
-
-
 def read_kernel_facts(env: KernelEnv) -> KernelFacts:
     """Feature-probe the kernel: kallsyms, BTF, tracefs, slab sizes, headers."""
     try:
@@ -92,10 +82,9 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
     return KernelFacts(
         env=env, kallsyms=kallsyms, btf=btf, btf_error=btf_error, layout=layout,
         kprobes_available=(env.tracefs / "kprobe_events").exists(),
-        # BPF_MAP_TYPE_RINGBUF (v5.8) brings the bpf_ringbuf_output helper.
-        ringbuf_available="bpf_ringbuf_output" in kallsyms,
+        ringbuf_available=ringbuf_available(kallsyms),
         task_storage=task_storage_available(kallsyms),
-        kmem_free_has_name="name" in tracepoint_fields(free_fmt),
+        kmem_free_has_name=kmem_free_has_name(tracepoint_fields(free_fmt)),
         exit_mmap_tracepoint=tracepoint_format(env, "mmap", "exit_mmap") is not None,
         kmem_raw=kmem_raw_cache_args(btf),
         no_prealloc=no_prealloc_allowed(kallsyms),

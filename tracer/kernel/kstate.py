@@ -130,7 +130,7 @@ def decode_proc(pid: int, raw: bytes, mms: dict[int, MmRow]) -> ProcRow:
         figures = _figures(ev_prev, mms.get(mm) if mm else None)
     else:
         # The snapshot of its mm at exit, or, for a process whose teardown
-        # began before its exit event (kernels before v6.16), at that start.
+        # began before its exit event (compat: exit_event_before_exit_mm), at that start.
         figures = _figures(ev_prev, MmRow.from_fields(mm, f[9:]))
     return ProcRow(pid, ppid, comm, alive, flags, mm, exit_ns, figures)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tracer.kernel.btf import Btf, BtfError
+from tracer.kernel.compat import anon_vma_counters
 
 # struct -> members the BPF programs read (macro name suffix, member).
 _MEMBERS: dict[str, list[tuple[str, str]]] = {
@@ -30,10 +31,8 @@ _SPAN_MEMBERS: dict[str, tuple[str, ...]] = {
 class KernelLayout:
     """Offsets (bytes) for every member the BPF programs read.
 
-    ``counters`` names the anon_vma fan-out era: ``"degree"`` before commit
-    2555283eb40d ("mm/rmap: Fix anon_vma->degree ambiguity leading to
-    double-reuse") (v6.0 and its stable backports), else ``"num_children"``
-    with ``num_active_vmas``.
+    ``counters`` names the anon_vma fan-out era (compat.anon_vma_counters):
+    ``"degree"`` or ``"num_children"`` with ``num_active_vmas``.
     """
 
     offsets: dict[str, int]
@@ -74,19 +73,15 @@ def read_layout(btf: Btf) -> KernelLayout:
     # The chain walk follows list_head.next as the first word of each node.
     if btf.member("list_head", "next").offset != 0:
         raise BtfError("list_head.next is not at offset 0")
-    if btf.has_member("anon_vma", "num_children"):
-        counters = "num_children"
+    counters = anon_vma_counters(btf)
+    if counters == "num_children":
         for key, member in (("AV_NUM_CHILDREN", "num_children"),
                             ("AV_NUM_ACTIVE_VMAS", "num_active_vmas")):
             m = btf.member("anon_vma", member)
             offsets[key], sizes[key] = m.offset, m.size
-    elif btf.has_member("anon_vma", "degree"):
-        counters = "degree"
+    else:
         m = btf.member("anon_vma", "degree")
         offsets["AV_DEGREE"], sizes["AV_DEGREE"] = m.offset, m.size
-    else:
-        raise BtfError("struct anon_vma has neither num_children nor degree: "
-                       "an anon_vma design this version of anontrace does not know")
     if btf.has_member("kmem_cache", "size"):
         # For the raw kmem tracepoints: the cache's object size (what the
         # perf-style tracepoint reports as bytes_alloc).

@@ -8,16 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracer.kernel.btf import Btf, BtfError
+from tracer.kernel.compat import RMAP_CANDIDATES, anon_vma_clone_nargs
 from tracer.kernel.kernel_env import Kallsyms, Symbol
 
 LOGICAL_PROBES = ("anon_vma_fork", "anon_vma_clone", "unlink_anon_vmas", "page_set_anon_rmap")
 BACKENDS = ("fentry", "kprobe", "tracepoint")
 
-# __page_set_anon_rmap became __folio_set_anon in v6.7 ("mm/rmap: convert
-# __page_set_anon_rmap() to __folio_set_anon()") and is usually inlined; its
-# callers for new private pages are the fallback.
-RMAP_CANDIDATES = ("__page_set_anon_rmap", "__folio_set_anon",
-                   "folio_add_new_anon_rmap", "page_add_new_anon_rmap")
 
 # kmem call sites: allocations and frees of anon_vma / anon_vma_chain objects
 # happen in these functions because anon_vma_alloc(), anon_vma_chain_alloc()
@@ -110,13 +106,6 @@ def rmap_args(btf: Btf, function: str) -> RmapArgs:
     return RmapArgs(function, len(params), vma, page, addr)
 
 
-def _clone_nargs(btf: Btf | None) -> int:
-    # 7.0 ("mm: clean up anon_vma implementation") added a third parameter.
-    if btf is not None and btf.has_func("anon_vma_clone"):
-        return len(btf.func_params("anon_vma_clone"))
-    return 2
-
-
 def plan_backend(backend: str, kallsyms: Kallsyms, btf: Btf | None,
                  kprobes_available: bool) -> Plan:
     """Resolve the four logical probes for one backend, from features only.
@@ -127,7 +116,7 @@ def plan_backend(backend: str, kallsyms: Kallsyms, btf: Btf | None,
         raise ValueError(f"unknown backend {backend!r}")
     sites, missing_sites = kmem_sites(kallsyms)
     other = next((kallsyms.get(f) for f in KMEM_OTHER_SITES if f in kallsyms), None)
-    plan = Plan(backend, {}, sites, other_site=other, clone_nargs=_clone_nargs(btf))
+    plan = Plan(backend, {}, sites, other_site=other, clone_nargs=anon_vma_clone_nargs(btf))
     if missing_sites:
         plan.errors.append("kmem call-site functions missing from kallsyms: "
                            + ", ".join(missing_sites))
@@ -204,23 +193,3 @@ def _rmap_choice(plan: Plan, backend: str, kallsyms: Kallsyms, btf: Btf | None,
         return choice
     choice.reason = "; ".join(tried)
     return choice
-
-
-def kmem_raw_cache_args(btf: Btf | None) -> tuple[int, int] | None:
-    """Raw-tracepoint argument positions of ``struct kmem_cache *`` in
-    kmem_cache_alloc and kmem_cache_free, or None where the tracepoints do
-    not pass the cache (before v6.1) or BTF cannot tell."""
-    if btf is None or not btf.has_member("kmem_cache", "size"):
-        return None
-    found = []
-    for tp in ("btf_trace_kmem_cache_alloc", "btf_trace_kmem_cache_free"):
-        try:
-            params = btf.typedef_proto_params(tp)
-        except BtfError:
-            return None
-        # params[0] is the tracepoint's private data; raw args start after it.
-        idx = [i - 1 for i, p in enumerate(params) if i and p.type_name == "struct kmem_cache *"]
-        if not idx or params[1].type_name != "long unsigned int":
-            return None
-        found.append(idx[0])
-    return found[0], found[1]

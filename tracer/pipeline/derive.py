@@ -18,10 +18,11 @@ Limits: a derived unlink_anon_vmas carries the anon_vma facts of a chain-entry
 free that still saw vma->anon_vma; unlink_anon_vmas() clears it before
 freeing a root's last entry, so a VMA whose chain held only its root reports
 depth 0. The model does not use those facts (it drops the VMA either way).
-Since 7.0 anon_vma_fork() allocates its anon_vma and chain entry before
-cloning and frees both when the clone reused an ancestor; the BPF side holds
-those allocations until the operation ends and drops them unread when they are
-freed (bpf_programs/anontrace.bpf.c, FORK_ALLOCATES_FIRST), so the stream it
+After the anon_vma rework (compat key anon_vma_rework) anon_vma_fork()
+allocates its anon_vma and chain entry before cloning and frees both when the
+clone reused an ancestor; the BPF side holds those allocations until the
+operation ends and drops them unread when they are freed
+(bpf_programs/anontrace_compat.h, FORK_ALLOCATES_FIRST), so the stream it
 sends has the same shape on every kernel: a clone group, then the fork-site
 entry only when the fork made a new anon_vma.
 """
