@@ -178,7 +178,7 @@ class Model(ModelQueries):
         mm.tgid = tgid
         proc = self._process(tgid, comm)
         if proc.mm is not mm:
-            proc.mm = mm
+            self._set_mm(proc, mm)
             if mm not in proc.mms:
                 proc.mms.append(mm)
 
@@ -428,8 +428,9 @@ class Model(ModelQueries):
             mm = self._mm(ev.mm)
             if not ev.cur_mm and ev.tgid:
                 # exit_mm() cleared current->mm and tears the process's own
-                # mm down; before v6.16 the exit event comes only after
-                # that. Its figures are taken now, as of its exit.
+                # mm down; on kernels whose exit event follows exit_mm()
+                # (docs/kernels.md, "Exit ordering") the exit event comes
+                # only after that. Its figures are taken now, as of its exit.
                 proc = self.processes.get(ev.tgid)
                 if proc is not None and proc.alive and not proc.exiting and proc.mm is mm:
                     proc.at_exit = self.figures(proc)
@@ -477,7 +478,7 @@ class Model(ModelQueries):
         if ev.mm:
             mm = self._mm(ev.mm)
             mm.tgid = ev.pid2
-            proc.mm = mm
+            self._set_mm(proc, mm)
             proc.mms.append(mm)
 
     def _proc_exec(self, ev: Event) -> None:
@@ -497,24 +498,35 @@ class Model(ModelQueries):
                 proc.comm = ev.comm
             self._retire(proc, ev.ts)
 
+    @staticmethod
+    def _set_mm(proc: Process, mm: Mm) -> None:
+        if proc.mm is not None and proc.alive:
+            proc.mm.users -= 1
+        proc.mm = mm
+        if proc.alive:
+            mm.users += 1
+
     def _forget_mm_if_orphan(self, mm: Mm) -> None:
-        """An mm with no VMAs left whose owner is gone (its teardown after
-        the exit event, v6.16+): drop it now, not at the next sweep, so a
-        fork storm's dead address spaces do not pile up."""
-        proc = self.processes.get(mm.tgid)
-        if (proc is None or proc.mm is not mm) and self.mms.get(mm.ptr) is mm:
+        """An mm with no VMAs left whose owner is gone (its teardown came
+        after the exit event, where the exit event precedes exit_mm()): drop
+        it now, not at the next sweep, so a fork storm's dead address spaces
+        do not pile up."""
+        if mm.users <= 0 and self.mms.get(mm.ptr) is mm:
             del self.mms[mm.ptr]
 
     def _retire(self, proc: Process, ts: int) -> None:
-        # Since v6.16 the exit tracepoint precedes exit_mm(), so the figures
-        # are still there; on older kernels the mm is already torn down.
+        # Where the exit tracepoint precedes exit_mm() the figures are still
+        # there; where it follows, the mm is already torn down
+        # (docs/kernels.md, "Exit ordering").
         proc.at_exit = self.figures(proc)
+        if proc.alive and proc.mm is not None:
+            proc.mm.users -= 1
         proc.alive = False
         proc.exited_ts = ts
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
         if proc.mm is not None and not proc.mm.vmas:
-            # Torn down before its exit event (before v6.16): nothing left.
+            # Torn down before its exit event (the older order): nothing left.
             self._forget_mm_if_orphan(proc.mm)
         self.exited.append(proc)
         if self.keep_retired:

@@ -48,11 +48,14 @@ class Mm:
     ``vmas`` is internal (VMA pointer -> packed value): read it
     through :meth:`Model.mm_vmas`."""
 
-    __slots__ = ("ptr", "tgid", "vmas", "events")
+    __slots__ = ("ptr", "tgid", "users", "vmas", "events")
 
     def __init__(self, ptr: int) -> None:
         self.ptr = ptr
         self.tgid = 0
+        # Live processes whose mm this is: more than one after a vfork or a
+        # clone(CLONE_VM) without CLONE_THREAD, until the child's exec or exit.
+        self.users = 0
         self.vmas: dict[int, int] = {}
         self.events = [0, 0, 0, 0]
 
