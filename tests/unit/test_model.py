@@ -579,3 +579,23 @@ def test_vma_pointer_reused_by_another_mm() -> None:
     assert m.vma_info(MM_C, VMA_2) == VmaInfo(AV_3, 1, MM_C)
     assert m.anon_vmas[AV_1].active == 0 and m.anon_vmas[AV_3].active == 1
     check_consistent(m)
+
+
+def test_a_vfork_child_leaving_an_empty_shared_mm_keeps_it_for_the_parent() -> None:
+    """vfork shares the parent's mm with the child until the child execs or
+    exits. A child that exits (no exec) while that mm has no anon VMA yet must
+    not take the mm with it: the parent still lives on it."""
+    mm, parent, child = 0xA000, 10, 11
+    m = Model(ppid_of=lambda pid: 1)
+    m.add_process(parent, "sh", preexisting=True)
+    m.apply(ev(Kind.PROC_EXEC, tgid=parent, mm=mm, cur_mm=mm, comm="sh"))
+    m.apply(ev(Kind.PROC_FORK, tgid=parent, pid2=child, mm=mm, cur_mm=mm, comm="sh"))
+    m.apply(ev(Kind.PROC_EXIT, tgid=child, mm=mm, cur_mm=mm, comm="sh"))
+    assert m.mms.get(mm) is m.processes[parent].mm
+    # The parent, resumed, faults its first anonymous page.
+    m.apply(ev(Kind.ANON_VMA_FORK, tgid=parent, mm=mm, cur_mm=mm, vma=0x100, vm_start=4096,
+               vm_end=8192, anon_vma=0x200, parent=0x200, root=0x200, depth=1, chain_len=1,
+               comm="sh"))
+    proc = m.processes[parent]
+    assert proc.mm is m.mms[mm]
+    assert m.figures(proc).anon_vmas == 1
