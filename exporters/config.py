@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,11 @@ DEFAULT_PORT = 29100  # outside the 9100-9999 exporter range, which is fully all
 BACKENDS = ("auto", "fentry", "kprobe", "tracepoint")
 
 TOP_K_MAX = 1000
+# Where the runbook_url annotation of every alert points (`anontrace rules`):
+# the runbooks' file in the repository, as a relative link. Operators set
+# runbook_base_url (or --runbook-base-url) to where they publish
+# docs/runbooks.md; each alert appends "#" and its anchor there.
+DEFAULT_RUNBOOK_BASE_URL = "docs/runbooks.md"
 # The kernel's PID_MAX_LIMIT on 64-bit; anything above it cannot be a PID,
 # and BPF maps key PIDs as u32, so a huge number must not get that far.
 PID_MAX = 4 * 1024 * 1024
@@ -83,6 +89,8 @@ class ServeConfig:
     exited_expiry_seconds: float = 300.0
     growth: GrowthConfig = GrowthConfig()
     maps: MapSizes = MapSizes()            # entries of the BPF state maps
+    # Base of the alerts' runbook_url annotations (`anontrace rules` only).
+    runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL
     source: str = "<defaults>"             # the file it came from
 
     def listen_address(self) -> tuple[str, int]:
@@ -141,6 +149,37 @@ def _valid_host(host: str) -> bool:
             return False
         return True
     return _HOSTNAME.fullmatch(host) is not None
+
+
+_RUNBOOK_EXAMPLES = (f"{DEFAULT_RUNBOOK_BASE_URL!r} or "
+                     "'https://docs.example.org/anontrace/runbooks.html'")
+
+
+def parse_runbook_base_url(value: str) -> str:
+    """Check the base of the alerts' runbook_url annotations and return it.
+
+    An http(s) URL with a host, or a relative reference such as
+    "docs/runbooks.md"; the alert's anchor is appended after a "#", so the
+    base has no fragment of its own. Whitespace, control characters and
+    braces (annotations are Go templates) are refused. Raises ValueError.
+    """
+    if not value:
+        raise ValueError(f"expected a URL such as {_RUNBOOK_EXAMPLES}, got ''")
+    bad = [c for c in value if c.isspace() or not c.isprintable() or c in "{}"]
+    if bad:
+        raise ValueError(f"expected a URL without spaces, control characters or braces "
+                         f"(percent-encode them), got {value!r}")
+    if "#" in value:
+        raise ValueError(f"expected a URL without a '#' fragment (each alert adds "
+                         f"'#<anchor>'), got {value!r}")
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError as e:
+        raise ValueError(f"invalid URL {value!r}: {e}") from None
+    if parts.scheme and (parts.scheme not in ("http", "https") or not parts.netloc):
+        raise ValueError(f"expected an http(s) URL with a host, or a relative link such as "
+                         f"{DEFAULT_RUNBOOK_BASE_URL!r}, got {value!r}")
+    return value
 
 
 _DURATION_HINT = "a duration like '30s', '15m', '1h30m' or '500ms', or a number of seconds"
@@ -267,6 +306,14 @@ def _listen(node: Node, path: str) -> str:
     return value
 
 
+def _runbook_base_url(node: Node, path: str) -> str:
+    value = _string(node, path, f"a URL such as {_RUNBOOK_EXAMPLES}")
+    try:
+        return parse_runbook_base_url(value)
+    except ValueError as e:
+        raise _Invalid(node, path, str(e)) from None
+
+
 def _backend(node: Node, path: str) -> str:
     expected = "one of " + ", ".join(BACKENDS)
     value = _string(node, path, expected)
@@ -362,6 +409,7 @@ _SERVE: dict[str, tuple[str, _Parser]] = {
     "exited_expiry": ("exited_expiry_seconds", _duration),
     "growth": ("growth", _section(GrowthConfig, _GROWTH)),
     "maps": ("maps", _section(MapSizes, _MAPS)),
+    "runbook_base_url": ("runbook_base_url", _runbook_base_url),
 }
 
 
@@ -392,15 +440,11 @@ def _fields(node: Node, path: str, keys: dict[str, tuple[str, _Parser]]) -> dict
     return out
 
 
-def parse_config(text: str, source: str) -> ServeConfig:
-    """Validate YAML text into a ServeConfig; `source` names it in errors.
-
-    Every key is optional; empty text (or only comments) gives the defaults.
-    Raises ConfigError "{source}:{line}: {key}: {problem}" at the first
-    problem, or "{source}:{line}: malformed YAML: {problem}".
-    """
+def compose_yaml(text: str, source: str) -> Node | None:
+    """The YAML node tree of `text` (None when it holds no document); a
+    syntax error is a ConfigError "{source}:{line}: malformed YAML: ..."."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
@@ -411,6 +455,16 @@ def parse_config(text: str, source: str) -> ServeConfig:
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(f"{source}:{line}: malformed YAML: {e.reason} "
                           f"(character #x{e.character:04x})") from None
+
+
+def parse_config(text: str, source: str) -> ServeConfig:
+    """Validate YAML text into a ServeConfig; `source` names it in errors.
+
+    Every key is optional; empty text (or only comments) gives the defaults.
+    Raises ConfigError "{source}:{line}: {key}: {problem}" at the first
+    problem, or "{source}:{line}: malformed YAML: {problem}".
+    """
+    root = compose_yaml(text, source)
     if root is None:
         return ServeConfig(source=source)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import logging
 import os
 import signal
 import threading
@@ -23,9 +24,11 @@ from prometheus_client import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.config import ServeConfig, load_config, parse_listen
-from exporters.http import HttpServer, landing_page, make_app
+from exporters.http import HttpServer, WebGuard, landing_page, make_app
+from exporters.logs import RateLimited, log
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
 from exporters.view import Snapshot, TopView
+from exporters.web_config import WebConfig, load_web_config
 from tracer import __version__
 from tracer.errors import AnontraceError
 from tracer.kernel.kstate import KernelState, ProcRow
@@ -107,12 +110,21 @@ class _Stop:
             signal.signal(sig, old)
 
 
+@dataclasses.dataclass(frozen=True)
+class WebOptions:
+    """How /metrics is served: the web config (TLS, basic auth, headers) and
+    the path of the metrics."""
+
+    web: WebConfig = WebConfig()
+    telemetry_path: str = "/metrics"
+
+
 def run_serve(cfg: ServeConfig, listen: str | None = None,
-              on_ready: Callable[[str], None] = lambda msg: None,
               stop: threading.Event | None = None,
-              progress: Callable[[str], None] = lambda msg: None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0.
-    ``progress`` hears the start-up phases (the BCC compile takes seconds)."""
+              web: WebOptions = WebOptions()) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0. Logs the
+    start-up phases, resyncs, losses and shutdown on the ``anontrace``
+    logger (exporters/logs.py)."""
     from tracer.kernel.facts import require_root
 
     host, port = parse_listen(listen or cfg.listen)
@@ -121,24 +133,42 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
     server = HttpServer(host, port)
     try:
         require_root()
-        _serve(cfg, server, host, on_ready, stop, progress)
+        _serve(cfg, server, host, stop, web)
     finally:
         server.close()
+    log(logging.INFO, "stopped: every probe detached")
     return 0
 
 
-def _serve(cfg: ServeConfig, server: HttpServer, host: str, on_ready: Callable[[str], None],
-           stop: threading.Event | None, progress: Callable[[str], None]) -> None:
+def _log_startup(session: Any) -> None:
+    log(logging.INFO, "kernel facts read (kallsyms, BTF, tracefs)",
+        seconds=round(session.facts_seconds, 3), kernel=os.uname().release)
+    for a in session.attempts:
+        if a.ok:
+            log(logging.INFO, "programs compiled, loaded and attached", backend=a.backend,
+                seconds=round(a.seconds, 3))
+        else:
+            log(logging.WARNING, "backend unusable", backend=a.backend, reason=a.error,
+                seconds=round(a.seconds, 3))
+    for p in session.plan.probes.values():
+        if p.ok:
+            log(logging.INFO, "probe attached", probe=p.probe, function=p.function,
+                method=p.method)
+        else:
+            log(logging.WARNING, "probe not attached", probe=p.probe, reason=p.reason)
+
+
+def _serve(cfg: ServeConfig, server: HttpServer, host: str,
+           stop: threading.Event | None, web: WebOptions) -> None:
     from tracer.kernel.bpf_session import TraceOptions, TraceSession
 
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
                         events=False, state=True, map_sizes=cfg.maps)
-    progress("anontrace serve: compiling and attaching the BPF programs (BCC)...")
-    started = time.monotonic()
+    log(logging.INFO, "starting: compiling and attaching the BPF programs (BCC)",
+        version=__version__, config=cfg.source, backend=cfg.backend)
     with _Stop() as signals, TraceSession(opts) as session:
         assert session.plan is not None
-        progress(f"anontrace serve: {session.plan.backend} backend attached in "
-                 f"{time.monotonic() - started:.1f} s; reading the running processes...")
+        _log_startup(session)
         session.drop_bulk_facts()
         _return_freed_memory()
         build = {"version": __version__, "kernel": os.uname().release,
@@ -147,21 +177,39 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str, on_ready: Callable[[
         if not session.uses_state:
             raise AnontraceError(f"the {session.plan.backend} backend keeps no state maps here")
         kstate = StateServe(cfg, build, _probe_statuses(session.plan), selection)
+        started = time.monotonic()
         census_missing = session.state_census()
         kstate.refresh(session, time.monotonic())
+        if census_missing is None:
+            log(logging.INFO, "census of the running processes done",
+                seconds=round(time.monotonic() - started, 3), processes=len(kstate.alive))
+        else:
+            log(logging.WARNING, "no census: processes that existed before tracing are not "
+                "counted", reason=census_missing)
         export: Callable[[], ExportState] = kstate.export
         session.release_compiler_pages()
         _return_freed_memory()
         registry = CollectorRegistry()
         AnontraceCollector(export, registry=registry)
         ProcessCollector(registry=registry)
-        server.serve(make_app(registry, lambda: landing_page(export(), cfg.source)))
-        on_ready(f"anontrace serve: {session.plan.backend} backend, listening on "
-                 f"http://{'[' + host + ']' if ':' in host else host or '0.0.0.0'}:"
-                 f"{server.port}/metrics")
-        reloader = Reloader(cfg, kstate, selection, progress)
+        guard = WebGuard(web.web)
+        server.set_tls(web.web.tls.context() if web.web.tls else None)
+        path = web.telemetry_path
+        server.serve(guard.wrap(make_app(registry,
+                                         lambda: landing_page(export(), cfg.source, path), path)))
+        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+        log(logging.INFO, f"listening on {server.scheme}://{shown}:{server.port}{path}"
+            + (" (basic auth)" if web.web.auth_required else ""),
+            backend=session.plan.backend, tls=web.web.tls is not None,
+            basic_auth=web.web.auth_required)
+        reloader = Reloader(cfg, kstate, selection, _log_line, web.web, server, guard)
         _state_loop(session, kstate, selection, stop or signals.event, signals.event,
                     census_missing is None, signals.reload, reloader)
+        log(logging.INFO, "stopping: detaching the probes")
+
+
+def _log_line(msg: str, level: int = logging.INFO) -> None:
+    log(level, msg)
 
 
 class StateServe:
@@ -178,6 +226,7 @@ class StateServe:
         self.probes = probes
         self.resyncs = 0
         self.map_full_total = 0
+        self.map_full: dict[str, int] = {}
         self.alive: list[int] = []
         self._current = ExportState(snapshot=Snapshot(), build=build, probes=probes)
 
@@ -192,6 +241,7 @@ class StateServe:
         session.forget_processes(gone)
         g = state.globals
         self.map_full_total = g.map_full_total
+        self.map_full = dict(g.map_full)
         self.alive = [pid for pid, r in state.processes.items() if r.alive]
         current = ExportState(snapshot=snap, events_by_probe=dict(g.events),
                               lost_events=session.lost_total() + g.map_full_total,
@@ -210,38 +260,65 @@ class StateServe:
 class Reloader:
     """SIGHUP: read the config file again. What a running daemon can change
     without re-attaching (selection, top-K, expiry) is applied; anything else
-    is reported as needing a restart; an invalid file keeps the old config."""
+    is reported as needing a restart; an invalid file keeps the old config.
+    The web config (TLS, basic auth, headers) is read again too and applies
+    from the next connection."""
 
     # Fields whose change needs the programs loaded again, or a new socket.
     RESTART = (("listen", "listen"), ("backend", "backend"), ("maps", "maps"),
                ("selection.pids", "selection pids"))
 
     def __init__(self, cfg: ServeConfig, kstate: StateServe, selection: Selection,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[..., None], web: WebConfig | None = None,
+                 server: HttpServer | None = None, guard: WebGuard | None = None) -> None:
         self.cfg, self.kstate, self.selection, self.log = cfg, kstate, selection, log
+        self.web, self.server, self.guard = web or WebConfig(), server, guard
 
     def reload(self) -> ServeConfig:
+        self.reload_web()
+        return self.reload_config()
+
+    def reload_web(self) -> WebConfig:
+        """Read the web config again; an invalid one keeps the running one."""
+        if self.web.source == "<none>" or self.server is None or self.guard is None:
+            return self.web
+        try:
+            new = load_web_config(self.web.source)
+            ctx = new.tls.context() if new.tls else None
+        except (AnontraceError, OSError) as exc:
+            self.log(f"SIGHUP: web config not reloaded, keeping the running one: {exc}",
+                     logging.ERROR)
+            return self.web
+        self.server.set_tls(ctx)
+        self.guard.set(new)
+        self.web = new
+        self.log(f"SIGHUP: reloaded web config {new.source} "
+                 f"({'TLS' if new.tls else 'plain HTTP'}, "
+                 f"{len(new.basic_auth_users)} basic-auth users)")
+        return new
+
+    def reload_config(self) -> ServeConfig:
         if self.cfg.source == "<defaults>":
-            self.log("anontrace serve: SIGHUP: no config file to reload (started without "
-                     "--config)")
+            self.log("SIGHUP: no config file to reload (started without --config)",
+                     logging.WARNING)
             return self.cfg
         try:
             new = load_config(Path(self.cfg.source))
         except AnontraceError as exc:
-            self.log(f"anontrace serve: SIGHUP: config not reloaded, keeping the running "
-                     f"one: {exc}")
+            self.log(f"SIGHUP: config not reloaded, keeping the running one: {exc}",
+                     logging.ERROR)
             return self.cfg
         old = self.cfg
         for path, name in self.RESTART:
             if _field(old, path) != _field(new, path):
-                self.log(f"anontrace serve: SIGHUP: {name} changed in {new.source}: "
-                         "takes effect after a restart")
+                self.log(f"SIGHUP: {name} changed in {new.source}: "
+                         "takes effect after a restart", logging.WARNING)
         view = self.kstate.view
         with self.kstate.lock:
             view.top_k = new.top_k
             view.expiry_s = new.exited_expiry_seconds
             self.selection.update(new)
-        self.log(f"anontrace serve: SIGHUP: reloaded {new.source} (top_k {new.top_k}, "
+        self.log(f"SIGHUP: reloaded {new.source} (top_k {new.top_k}, "
                  f"exited_expiry {new.exited_expiry_seconds:g} s, selection applied)")
         # Keep what still runs for the restart-only fields: the next reload
         # compares with what is really in effect.
@@ -269,6 +346,9 @@ def _state_loop(session: Any, kstate: StateServe, selection: Selection,
     next_sweep = now + SWEEP_S
     next_resync = now + RESYNC_MIN_S
     synced_full = prev_full = 0
+    losses = RateLimited("events lost or inserts refused by full maps since the last report")
+    lost_prev = session.lost()
+    full_prev = dict(kstate.map_full)
     while not (stop.wait(SNAPSHOT_S) or signalled.is_set()):
         if reload_asked is not None and reload_asked.is_set() and reloader is not None:
             reload_asked.clear()
@@ -283,11 +363,21 @@ def _state_loop(session: Any, kstate: StateServe, selection: Selection,
             selection.forget(missed)
             next_sweep = now + SWEEP_S
             _return_freed_memory()
+        lost_now = session.lost()
+        losses.add(**{k: v - lost_prev.get(k, 0) for k, v in lost_now.items()})
+        losses.add(**{f"map_full_{k}": v - full_prev.get(k, 0)
+                      for k, v in kstate.map_full.items()})
+        lost_prev, full_prev = lost_now, dict(kstate.map_full)
+        losses.flush()
         full = kstate.map_full_total
         if can_census and full > synced_full and full == prev_full and now >= next_resync:
+            started = time.monotonic()
             session.clear_state()
             session.state_census()
             kstate.resyncs += 1
+            log(logging.WARNING, "maps rebuilt from a census after inserts were refused",
+                resyncs=kstate.resyncs, map_full_total=full,
+                seconds=round(time.monotonic() - started, 3))
             synced_full = full
             next_resync = time.monotonic() + RESYNC_MIN_S
         prev_full = full

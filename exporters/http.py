@@ -2,13 +2,21 @@
 
 prometheus-client's WSGI app serves the registry (content negotiation,
 gzip, OpenMetrics); around it a tiny WSGI app adds the landing page with
-the probe status. Served by a threading wsgiref server, like
-prometheus_client.start_http_server, so a slow scraper blocks nobody.
+the probe status, and :class:`WebGuard` the basic auth and headers of the
+web config (exporters/web_config.py). Served by a threading wsgiref server,
+like prometheus_client.start_http_server, so a slow scraper blocks nobody;
+with TLS each connection's handshake also runs in its own thread.
 """
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import html
+import os
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -19,6 +27,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.prometheus import ExportState
+from exporters.web_config import WebConfig
 from tracer.errors import AnontraceError
 
 StartResponse = Callable[..., Any]
@@ -26,6 +35,32 @@ StartResponse = Callable[..., Any]
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # Swapped on reload; each connection takes the one current when it came.
+    ssl_context: ssl.SSLContext | None = None
+    handshake_timeout = 10.0
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        ctx = self.ssl_context
+        if ctx is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.handshake_timeout)
+        try:
+            conn = ctx.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            # Plain HTTP to the TLS port, no or an unverified client
+            # certificate, a client that never finished: refused.
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-response is not the daemon's error.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Server6(_Server):
@@ -33,11 +68,15 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # An idle connection is dropped after this long (seconds per read or write).
+    timeout = 60
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass   # a scrape every few seconds is not news
 
 
-def landing_page(state: ExportState, config_source: str) -> str:
+def landing_page(state: ExportState, config_source: str,
+                 telemetry_path: str = "/metrics") -> str:
     """The HTML landing page: version, backend and every probe's status."""
     rows = "".join(
         f"<tr><td>{html.escape(p.probe)}</td><td>{html.escape(p.function or '-')}</td>"
@@ -50,21 +89,22 @@ def landing_page(state: ExportState, config_source: str) -> str:
         f"<p>version {b.get('version', '')}, kernel {b.get('kernel', '')}, backend "
         f"{b.get('backend', '')} via {b.get('transport', '')}; config "
         f"{html.escape(config_source)}</p>"
-        "<p><a href='/metrics'>/metrics</a></p>"
+        f"<p><a href='{html.escape(telemetry_path)}'>{html.escape(telemetry_path)}</a></p>"
         "<table border='1'><tr><th>probe</th><th>function</th><th>method</th><th>status</th>"
         f"</tr>{rows}</table>"
         f"<p>{state.snapshot.anon_vmas} anon_vmas, {state.snapshot.tracked_processes} "
         f"processes tracked; {state.lost_events} events lost.</p></body></html>\n")
 
 
-def make_app(registry: CollectorRegistry,
-             page: Callable[[], str]) -> Callable[..., Iterable[bytes]]:
-    """WSGI app: /metrics from the registry, / the landing page, else 404."""
+def make_app(registry: CollectorRegistry, page: Callable[[], str],
+             telemetry_path: str = "/metrics") -> Callable[..., Iterable[bytes]]:
+    """WSGI app: the metrics from the registry at ``telemetry_path``, / the
+    landing page, else 404."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
+        if path == telemetry_path:
             return metrics(environ, start_response)
         if path == "/":
             body = page().encode()
@@ -72,7 +112,7 @@ def make_app(registry: CollectorRegistry,
                                       ("Content-Length", str(len(body)))])
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics\n"]
+        return [f"not found: try {telemetry_path}\n".encode()]
 
     return app
 
@@ -90,7 +130,7 @@ class HttpServer:
     answering, :meth:`close` stops."""
 
     def __init__(self, host: str, port: int) -> None:
-        cls = _Server6 if ":" in host else _Server
+        cls: type[_Server] = _Server6 if ":" in host else _Server
         try:
             self._httpd = make_server(host, port, _not_ready, server_class=cls,
                                       handler_class=_QuietHandler)
@@ -100,6 +140,14 @@ class HttpServer:
                                  f"{exc.strerror or exc}") from exc
         self.port = self._httpd.server_port
         self._thread: threading.Thread | None = None
+
+    def set_tls(self, ctx: ssl.SSLContext | None) -> None:
+        """Serve TLS with ``ctx`` (None: plain HTTP) from the next connection on."""
+        self._httpd.ssl_context = ctx
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self._httpd.ssl_context is None else "https"
 
     def serve(self, app: Callable[..., Iterable[bytes]]) -> None:
         self._httpd.set_app(app)
@@ -112,3 +160,71 @@ class HttpServer:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
         self._httpd.server_close()
+
+
+_CACHE_MAX = 64
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """A bcrypt hash of a random password: unknown users are checked against
+    it so that a wrong user name costs as long as a wrong password."""
+    import bcrypt
+
+    return bcrypt.hashpw(os.urandom(16), bcrypt.gensalt(10))
+
+
+class WebGuard:
+    """Basic auth and response headers from the web config, as WSGI
+    middleware. :meth:`set` swaps the config on reload. Successful checks are
+    cached (by a hash of the credentials): bcrypt costs tens of milliseconds
+    by design, and Prometheus sends the same credentials every scrape."""
+
+    def __init__(self, web: WebConfig) -> None:
+        self.set(web)
+
+    def set(self, web: WebConfig) -> None:
+        self._web = web
+        self._good: set[bytes] = set()
+
+    def _authorized(self, environ: dict[str, Any]) -> bool:
+        import bcrypt
+
+        web = self._web
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        if key in self._good:
+            return True
+        hashed = web.basic_auth_users.get(user)
+        ok = bcrypt.checkpw(password.encode(),
+                            hashed.encode() if hashed is not None else _dummy_hash())
+        ok = ok and hashed is not None
+        if ok and len(self._good) < _CACHE_MAX:
+            self._good.add(key)
+        return ok
+
+    def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+        def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            extra = list(self._web.headers.items())
+
+            def respond(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+                return start_response(status, headers + extra, *exc)
+
+            if self._web.auth_required and not self._authorized(environ):
+                body = b"Unauthorized\n"
+                respond("401 Unauthorized", [("Content-Type", "text/plain"),
+                                             ("WWW-Authenticate", 'Basic realm="anontrace"'),
+                                             ("Content-Length", str(len(body)))])
+                return [body]
+            return app(environ, respond)
+
+        return guarded

@@ -29,6 +29,12 @@ Every expression keeps the labels of the scraped series (job, instance and,
 for families, family and comm), so one rule file serves a whole fleet: each
 exporter instance, and each family on it, is judged on its own.
 
+Every alert carries a ``runbook_url`` annotation: the runbooks' base
+(``docs/runbooks.md`` by default, the config's ``runbook_base_url`` or
+``anontrace rules --runbook-base-url``), "#" and `runbook_anchor(alert)`, the
+alert's name in lower case, which docs/runbooks.md defines with an explicit
+``<a id=...>`` (tests/unit/test_rules.py checks that every anchor exists).
+
 This module only builds text; it imports neither BCC nor the tracer.
 """
 from __future__ import annotations
@@ -39,7 +45,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from exporters.config import GrowthConfig
+from exporters.config import DEFAULT_RUNBOOK_BASE_URL, GrowthConfig, parse_runbook_base_url
 from exporters.metrics_spec import BY_NAME
 
 # How long a detached probe or an unreachable exporter must last before it
@@ -181,6 +187,19 @@ def _growth_records(level: str, metric: str, d: _Durations) -> tuple[Record, Rec
             Record(f"{level}:{metric}:steady_rise_window", _steady_rise(metric, d)))
 
 
+def runbook_anchor(alert: str) -> str:
+    """The anchor of an alert's section in docs/runbooks.md: its name in lower case."""
+    return alert.lower()
+
+
+def runbook_url(alert: str, base: str = DEFAULT_RUNBOOK_BASE_URL) -> str:
+    """The runbook_url annotation of `alert`: ``<base>#<anchor>``.
+
+    Raises ValueError for a base that parse_runbook_base_url refuses.
+    """
+    return f"{parse_runbook_base_url(base)}#{runbook_anchor(alert)}"
+
+
 def rule_names(growth: GrowthConfig) -> dict[str, list[str]]:
     """{"record": [...], "alert": [...]}: every rule name render_rules emits."""
     out: dict[str, list[str]] = {"record": [], "alert": []}
@@ -242,10 +261,12 @@ def build_groups(growth: GrowthConfig) -> tuple[Group, ...]:
                 f"The deepest live anon_vma of {_WHO} is {{{{ $value }}}} levels deeper than "
                 f"{w} ago; the depth {steady} and has not fallen since. Each fork "
                 f"of a process whose anon_vmas came from its parent adds a level, so a "
-                f"chain of forking generations (a parent that forks and exits, over and "
-                f"over) makes fork, exit, munmap and every rmap walk slower and pins the "
-                f"ancestors' anon_vmas. {_FAMILY_CHECK} Look for the generation that "
-                f"keeps forking: the DEPTH column rises by one per generation."),
+                f"chain of forking generations that cannot reuse their ancestors' anon_vmas "
+                f"(typically each forks the next without exec and stays alive, so no "
+                f"ancestor is free for reuse) makes fork, exit, munmap and every rmap walk "
+                f"slower and pins the ancestors' anon_vmas. {_FAMILY_CHECK} Look for the "
+                f"generation that keeps forking: the DEPTH column rises by one per "
+                f"generation."),
         ),
         Alert(
             alert="AnontraceFamilyAnonVmaGrowth",
@@ -277,8 +298,8 @@ def build_groups(growth: GrowthConfig) -> tuple[Group, ...]:
         "To investigate: in Prometheus, "
         "topk(5, instance_family:anontrace_family_anon_vmas:rise_window"
         "{instance=\"{{ $labels.instance }}\"}) names the families that grew; on "
-        "{{ $labels.instance }}, `anontrace -i 10` (all processes) or "
-        "`anontrace -p PID -i 10` (one tree) shows them process by process.")
+        "{{ $labels.instance }}, `anontrace -p PID -i 10` (one -p per process of a tree) "
+        "shows them process by process.")
     host_group = Group("anontrace-host", (
         *host_avs, *host_orph,
         Alert(
@@ -380,15 +401,16 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _RulesDumper.add_representer(str, _str)
 
 
-def _rule_doc(rule: Record | Alert) -> dict[str, object]:
+def _rule_doc(rule: Record | Alert, runbook_base: str) -> dict[str, object]:
     if isinstance(rule, Record):
         return {"record": rule.record, "expr": rule.expr}
     return {"alert": rule.alert, "expr": rule.expr, "for": rule.for_,
             "labels": {"severity": rule.severity},
-            "annotations": {"summary": rule.summary, "description": rule.description}}
+            "annotations": {"summary": rule.summary, "description": rule.description,
+                            "runbook_url": runbook_url(rule.alert, runbook_base)}}
 
 
-def _header(growth: GrowthConfig, d: _Durations,
+def _header(growth: GrowthConfig, d: _Durations, runbook_base: str,
             regenerate: str = "anontrace rules --config /etc/anontrace/anontrace.yaml "
                               "> anontrace.rules.yml") -> list[str]:
     return [
@@ -412,22 +434,29 @@ def _header(growth: GrowthConfig, d: _Durations,
         "#                      each half of the window (a single jump does not).",
         "# Labels are kept as scraped (job, instance, family, comm): every exporter",
         "# instance and every family is judged on its own across a fleet.",
+        "#",
+        f"# runbook_url = {runbook_base}#<alert name in lower case>: the sections of",
+        "# docs/runbooks.md. Set runbook_base_url in the config (or",
+        "# --runbook-base-url) to where you publish that file.",
     ]
 
 
-def render_rules(growth: GrowthConfig) -> str:
-    """The Prometheus rule file (YAML text, ending in a newline) for `growth`.
+def render_rules(growth: GrowthConfig, runbook_base: str = DEFAULT_RUNBOOK_BASE_URL) -> str:
+    """The Prometheus rule file (YAML text, ending in a newline) for `growth`,
+    every alert's runbook_url under `runbook_base`.
 
     The output is stable: the same settings always give the same text, so the
     shipped deploy/prometheus/anontrace.rules.yml can be compared with it.
-    Raises ValueError for a window under 5 ms, a negative `for` or a
-    non-finite threshold.
+    Raises ValueError for a window under 5 ms, a negative `for`, a
+    non-finite threshold or a runbook base parse_runbook_base_url refuses.
     """
     d = _Durations.of(growth)
-    return "\n".join(_header(growth, d)) + "\n" + _dump({"groups": _groups_doc(growth)})
+    groups = _groups_doc(growth, runbook_base)
+    return "\n".join(_header(growth, d, runbook_base)) + "\n" + _dump({"groups": groups})
 
 
-def render_prometheus_rule(growth: GrowthConfig, namespace: str = "anontrace") -> str:
+def render_prometheus_rule(growth: GrowthConfig, namespace: str = "anontrace",
+                           runbook_base: str = DEFAULT_RUNBOOK_BASE_URL) -> str:
     """The same groups as a Prometheus Operator ``PrometheusRule`` resource
     (``anontrace rules --format prometheusrule``), labelled like the
     ServiceMonitor (app.kubernetes.io/name: anontrace); add the labels your
@@ -436,14 +465,14 @@ def render_prometheus_rule(growth: GrowthConfig, namespace: str = "anontrace") -
     doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
            "metadata": {"name": "anontrace", "namespace": namespace,
                         "labels": {"app.kubernetes.io/name": "anontrace"}},
-           "spec": {"groups": _groups_doc(growth)}}
+           "spec": {"groups": _groups_doc(growth, runbook_base)}}
     regenerate = ("anontrace rules --format prometheusrule --config "
                   "/etc/anontrace/anontrace.yaml > prometheusrule.yaml")
-    return "\n".join(_header(growth, d, regenerate)) + "\n" + _dump(doc)
+    return "\n".join(_header(growth, d, runbook_base, regenerate)) + "\n" + _dump(doc)
 
 
-def _groups_doc(growth: GrowthConfig) -> list[dict[str, object]]:
-    return [{"name": g.name, "rules": [_rule_doc(r) for r in g.rules]}
+def _groups_doc(growth: GrowthConfig, runbook_base: str) -> list[dict[str, object]]:
+    return [{"name": g.name, "rules": [_rule_doc(r, runbook_base) for r in g.rules]}
             for g in build_groups(growth)]
 
 

@@ -2,10 +2,12 @@
 for the end-to-end tests."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,8 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 10) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def http_get(url: str, timeout: float = 10, context: ssl.SSLContext | None = None,
+             auth: tuple[str, str] | None = None) -> bytes:
+    req = urllib.request.Request(url)
+    if auth is not None:
+        req.add_header("Authorization",
+                       "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
         return resp.read()
 
 
@@ -40,24 +47,30 @@ def bpf_prog_ids() -> set[int]:
 class Serve:
     """`anontrace serve` as a subprocess."""
 
-    def __init__(self, workdir: Path, config_text: str) -> None:
+    def __init__(self, workdir: Path, config_text: str, args: tuple[str, ...] = (),
+                 context: ssl.SSLContext | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
+        """``args`` are more serve options; with ``context`` (TLS) and
+        ``auth`` (basic auth) the readiness check and :meth:`metrics` use
+        https and credentials."""
         self.port = free_port()
         self.config = workdir / "anontrace.yaml"
         self.config.write_text(config_text)
         self.log = open(workdir / "serve.log", "w+b")
         self.progs_before = bpf_prog_ids()
+        self.context, self.auth = context, auth
         self.proc = subprocess.Popen(
             ANONTRACE + ["serve", "--config", str(self.config), "--listen",
-                         f"127.0.0.1:{self.port}"],
+                         f"127.0.0.1:{self.port}", *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"anontrace serve exited {self.proc.returncode}: "
                                    f"{self.output()}")
             try:
-                http_get(self.url + "/metrics", timeout=5)
+                self.metrics(timeout=5)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -69,8 +82,8 @@ class Serve:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 
-    def metrics(self) -> str:
-        return http_get(self.url + "/metrics").decode()
+    def metrics(self, timeout: float = 10) -> str:
+        return http_get(self.url + "/metrics", timeout, self.context, self.auth).decode()
 
     def stop(self) -> int:
         """SIGTERM; the exit status."""
@@ -88,16 +101,19 @@ class Serve:
 class Prometheus:
     """Debian's prometheus, scraping one target every second."""
 
-    def __init__(self, workdir: Path, target: str, rules: Path) -> None:
+    def __init__(self, workdir: Path, target: str, rules: Path | None,
+                 scrape_extra: str = "") -> None:
+        """``scrape_extra``: more lines of the scrape job (scheme, tls_config,
+        basic_auth), indented four spaces."""
         if not os.path.exists(PROMETHEUS):
             raise RuntimeError(f"{PROMETHEUS} missing: run scripts/install.sh --test")
         self.port = free_port()
         cfg = workdir / "prometheus.yml"
         cfg.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {rules}\n"
-            "scrape_configs:\n  - job_name: anontrace\n"
-            f"    static_configs:\n      - targets: ['{target}']\n")
+            + (f"rule_files:\n  - {rules}\n" if rules else "")
+            + "scrape_configs:\n  - job_name: anontrace\n" + scrape_extra
+            + f"    static_configs:\n      - targets: ['{target}']\n")
         self.log = open(workdir / "prometheus.log", "w+b")
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -178,6 +178,30 @@ def test_rules_follow_the_config(tmp_path: Path) -> None:
     assert "[20s]" in out and "for: 5s" in out and ">= 7" in out, out
 
 
+def test_rules_runbook_base_url_option_and_config(tmp_path: Path) -> None:
+    base = "https://docs.example.org/anontrace/runbooks.html"
+    out = run(["rules", "--runbook-base-url", base]).output
+    assert f"runbook_url: {base}#anontracefamilydeepening\n" in out, out
+    assert "docs/runbooks.md#" not in out.split("groups:", 1)[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("runbook_base_url: https://wiki.example.net/anontrace\n")
+    out = run(["rules", "--format", "prometheusrule", "--config", str(cfg)]).output
+    assert "runbook_url: https://wiki.example.net/anontrace#anontraceexporterdown\n" in out
+    # the option wins over the config
+    out = run(["rules", "--config", str(cfg), "--runbook-base-url", base]).output
+    assert f"{base}#anontraceexporterdown" in out and "wiki.example.net" not in out
+
+
+def test_rules_bad_runbook_base_url_is_a_clean_error(tmp_path: Path) -> None:
+    result = run(["rules", "--runbook-base-url", "runbooks.md#top"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Invalid value for --runbook-base-url: expected a URL without a '#'" in result.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("top_k: 5\nrunbook_base_url: ftp://x/r.md\n")
+    assert_one_line_error(run(["rules", "--config", str(cfg)]),
+                          f"{cfg}:2: runbook_base_url: expected an http(s) URL")
+
+
 def test_usage_line_shows_the_command_form() -> None:
     result = CliRunner().invoke(main, ["--help"], prog_name="anontrace")
     first = result.output.splitlines()[0]

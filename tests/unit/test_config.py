@@ -18,6 +18,7 @@ from exporters.config import (
     parse_config,
     parse_duration,
     parse_listen,
+    parse_runbook_base_url,
 )
 from tracer.errors import AnontraceError
 from tracer.kernel.bpf_source import MapSizes
@@ -59,7 +60,8 @@ def test_example_config_is_the_defaults() -> None:
 def test_example_config_sets_every_key_but_selection() -> None:
     text = EXAMPLE.read_text()
     top = {ln.split(":")[0] for ln in text.splitlines() if ln and ln[0].isalpha()}
-    assert top == {"listen", "backend", "top_k", "exited_expiry", "growth", "maps"}
+    assert top == {"listen", "backend", "top_k", "exited_expiry", "growth", "maps",
+                   "runbook_base_url"}
     for key in ("window", "for", "min_depth_increase", "min_family_anon_vmas_increase",
                 "min_orphaned_increase", "min_host_anon_vmas_increase",
                 "vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families"):
@@ -148,6 +150,14 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
     assert cfg.listen_address() == ("::1", 9100)
     assert isinstance(cfg.selection.pids, tuple)
     assert type(cfg.growth.min_orphaned_increase) is int
+
+
+@pytest.mark.parametrize("value", [
+    "docs/runbooks.md", "../docs/runbooks.md", "/anontrace/runbooks.html",
+    "https://docs.example.org/anontrace/runbooks.html", "http://wiki:8080/x?page=runbooks"])
+def test_runbook_base_url_accepted(value: str) -> None:
+    assert parse_config(f"runbook_base_url: '{value}'\n", "c").runbook_base_url == value
+    assert parse_runbook_base_url(value) == value
 
 
 def test_parse_config_matches_load_config(tmp_path: Path) -> None:
@@ -253,7 +263,7 @@ def test_parse_listen_rejects(value: str, fragment: str) -> None:
 
 # --- errors name the file, the line and the key ---------------------------------
 
-KNOWN_TOP = "backend, exited_expiry, growth, listen, maps, selection, top_k"
+KNOWN_TOP = "backend, exited_expiry, growth, listen, maps, runbook_base_url, selection, top_k"
 
 ERRORS = [
     # (YAML, line, key path, part of the problem)
@@ -306,6 +316,17 @@ ERRORS = [
      "growth.min_host_anon_vmas_increase", "got yes"),
     ("growth:\n  min_family_anon_vmas_increase: '1000'\n", 2,
      "growth.min_family_anon_vmas_increase", "got '1000'"),
+    ("runbook_base_url: docs/runbooks.md#top\n", 1, "runbook_base_url",
+     "expected a URL without a '#' fragment"),
+    ("runbook_base_url: ftp://host/runbooks.md\n", 1, "runbook_base_url",
+     "expected an http(s) URL with a host"),
+    ("runbook_base_url: 'https:///runbooks.md'\n", 1, "runbook_base_url",
+     "expected an http(s) URL with a host"),
+    ("runbook_base_url: ''\n", 1, "runbook_base_url", "got ''"),
+    ("runbook_base_url: 'docs/run books.md'\n", 1, "runbook_base_url",
+     "without spaces, control characters or braces"),
+    ("runbook_base_url: [a]\n", 1, "runbook_base_url", "got a list"),
+    ("runbook_base_url: 42\n", 1, "runbook_base_url", "got 42"),
     ("# comment\n\nselction:\n  comm: x\n", 3, "selction",
      f"unknown key (known: {KNOWN_TOP})"),
     ("growth:\n  window: 15m\n  windw: 5m\n", 3, "growth.windw",

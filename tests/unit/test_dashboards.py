@@ -86,7 +86,10 @@ def test_build_is_deterministic():
 def test_check_mode_flags_a_stale_file_without_touching_it(tmp_path, monkeypatch, capsys):
     for name, text in build.render().items():
         (tmp_path / name).write_text(text)
+    configmaps = tmp_path / "dashboards-configmap.yaml"
+    configmaps.write_text(build.render_configmaps(build.render()))
     monkeypatch.setattr(build, "HERE", tmp_path)
+    monkeypatch.setattr(build, "CONFIGMAPS", configmaps)
     assert build.main(["--check"]) == 0
 
     stale = tmp_path / "anontrace-process.json"
@@ -98,6 +101,13 @@ def test_check_mode_flags_a_stale_file_without_touching_it(tmp_path, monkeypatch
 
     assert build.main([]) == 0          # rewrites it
     assert build.main(["--check"]) == 0
+
+    # the ConfigMaps are generated outputs too
+    configmaps.write_text(configmaps.read_text().replace("grafana_dashboard", "x"))
+    assert build.main(["--check"]) == 1
+    assert "dashboards-configmap.yaml" in capsys.readouterr().err
+    assert build.main([]) == 0
+    assert configmaps.read_text() == build.render_configmaps(build.render())
 
 
 def test_sdk_version_is_the_pinned_one():

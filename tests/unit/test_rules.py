@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporters.config import GrowthConfig
+from exporters.config import DEFAULT_RUNBOOK_BASE_URL, GrowthConfig, ServeConfig
 from exporters.metrics_spec import sample_names
 from exporters.rules import (
     build_groups,
@@ -24,12 +24,15 @@ from exporters.rules import (
     render_prometheus_rule,
     render_rules,
     rule_names,
+    runbook_anchor,
+    runbook_url,
 )
 from tests.unit.promtool import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "prometheus" / "anontrace.rules.yml"
 PROMTOOL_TESTS = ROOT / "tests" / "rules" / "anontrace.rules.test.yml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 GROWTH_ALERTS = {"AnontraceFamilyDeepening", "AnontraceFamilyAnonVmaGrowth",
                  "AnontraceFamilyOrphanedAnonVmaGrowth", "AnontraceOrphanedAnonVmaGrowth",
@@ -154,7 +157,7 @@ def test_alerts_have_severity_and_templated_annotations() -> None:
     alerts = {r["alert"]: r for r in rules if "alert" in r}
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
-        assert set(rule["annotations"]) == {"summary", "description"}, name
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}, name
         text = " ".join(rule["annotations"].values())
         assert "{{ $labels.instance }}" in text, name
         if name != "AnontraceExporterDown":
@@ -251,3 +254,100 @@ def test_shipped_prometheus_rule_is_the_same_groups() -> None:
     assert doc["metadata"]["labels"] == {"app.kubernetes.io/name": "anontrace"}
     assert doc["spec"]["groups"] == yaml.safe_load(SHIPPED.read_text())["groups"]
 
+
+
+# --- runbooks ---------------------------------------------------------------------
+
+def runbook_ids(text: str) -> list[str]:
+    """The explicit anchors (<a id="..."></a>) of a Markdown file, in order."""
+    return re.findall(r'<a id="([^"]+)"></a>', text)
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation
+    dropped, spaces to hyphens)."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_runbook_defaults() -> None:
+    assert DEFAULT_RUNBOOK_BASE_URL == "docs/runbooks.md"
+    assert ServeConfig().runbook_base_url == DEFAULT_RUNBOOK_BASE_URL
+    assert runbook_anchor("AnontraceFamilyDeepening") == "anontracefamilydeepening"
+    assert runbook_url("AnontraceExporterDown") == "docs/runbooks.md#anontraceexporterdown"
+
+
+@pytest.mark.parametrize("render", [render_rules, render_prometheus_rule])
+def test_every_alert_has_a_runbook_url(render) -> None:
+    doc = yaml.safe_load(render(GrowthConfig()))
+    groups = doc["groups"] if "groups" in doc else doc["spec"]["groups"]
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    assert {r["alert"] for r in alerts} == GROWTH_ALERTS | OPERATIONAL_ALERTS
+    for rule in alerts:
+        assert rule["annotations"]["runbook_url"] == (
+            f"docs/runbooks.md#{rule['alert'].lower()}"), rule["alert"]
+
+
+def test_every_runbook_anchor_exists_in_docs_runbooks() -> None:
+    """Each alert's anchor is an explicit <a id> of docs/runbooks.md, right
+    above a heading that names the alert; no anchor is defined twice, none
+    collides with a heading's own GitHub anchor, and no section is left for
+    an alert that no longer exists."""
+    text = RUNBOOKS.read_text()
+    ids = runbook_ids(text)
+    assert len(ids) == len(set(ids)), ids
+    lines = text.splitlines()
+    headings = [ln.lstrip("#").strip() for ln in lines if ln.startswith("#")]
+    assert not set(ids) & {github_slug(h) for h in headings}
+    alerts = rule_names(GrowthConfig())["alert"]
+    anchors = {runbook_anchor(a): a for a in alerts}
+    assert set(ids) == set(anchors), set(ids) ^ set(anchors)
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r'<a id="([^"]+)"></a>', line)
+        if m:
+            heading = lines[i + 1]
+            assert heading.startswith("## "), (m.group(1), heading)
+            assert heading[3:].split(":")[0] == anchors[m.group(1)], heading
+
+
+def test_runbook_urls_of_the_shipped_files_resolve_in_the_repository() -> None:
+    """The shipped rule files use the default, repository-relative base:
+    every link is docs/runbooks.md#<an anchor that exists>."""
+    ids = set(runbook_ids(RUNBOOKS.read_text()))
+    for path in (SHIPPED, ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"):
+        urls = re.findall(r"^\s+runbook_url: (\S+)$", path.read_text(), flags=re.M)
+        assert len(urls) == len(OPERATIONAL_ALERTS | GROWTH_ALERTS), path
+        for url in urls:
+            file, _, anchor = url.partition("#")
+            assert (ROOT / file).resolve() == RUNBOOKS and anchor in ids, (path, url)
+
+
+def test_runbook_links_inside_docs_runbooks_resolve() -> None:
+    text = RUNBOOKS.read_text()
+    targets = set(runbook_ids(text)) | {
+        github_slug(ln.lstrip("#")) for ln in text.splitlines() if ln.startswith("#")}
+    for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+        assert anchor in targets, anchor
+
+
+BASE = "https://docs.example.org/anontrace/runbooks.html"
+
+
+def test_runbook_base_is_configurable(tmp_path: Path) -> None:
+    text = render_rules(GrowthConfig(), runbook_base=BASE)
+    urls = [r["annotations"]["runbook_url"] for r in load(text) if "alert" in r]
+    assert urls and all(u == f"{BASE}#{u.rsplit('#', 1)[1]}" for u in urls)
+    assert f"{BASE}#anontracefamilydeepening" in urls
+    assert f"# runbook_url = {BASE}#<alert name in lower case>" in text
+    path = tmp_path / "rules.yml"
+    path.write_text(text)
+    assert_ok(promtool("check", "rules", path))
+    pr = yaml.safe_load(render_prometheus_rule(GrowthConfig(), runbook_base=BASE))
+    assert pr["spec"]["groups"] == yaml.safe_load(text)["groups"]
+
+
+@pytest.mark.parametrize("bad", ["", "docs/runbooks.md#x", "ftp://host/r.md", "https://",
+                                 "a b", "x{{ $labels.instance }}", "file:///tmp/r.md"])
+def test_bad_runbook_bases_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        render_rules(GrowthConfig(), runbook_base=bad)

@@ -23,7 +23,8 @@ def _setup(tmp_path: Path, text: str):
     selection = Selection(cfg, proc=tmp_path)
     kstate = StateServe(cfg, {}, [], selection)
     said: list[str] = []
-    return path, Reloader(cfg, kstate, selection, said.append), kstate, selection, said
+    return (path, Reloader(cfg, kstate, selection, lambda msg, *level: said.append(msg)),
+            kstate, selection, said)
 
 
 def test_top_k_expiry_and_selection_change_without_restart(tmp_path: Path) -> None:
@@ -45,8 +46,8 @@ def test_what_needs_a_restart_is_said_and_not_applied(tmp_path: Path) -> None:
     assert kstate.view.top_k == 5
     assert cfg.listen == "127.0.0.1:29100" and cfg.backend == "auto"
     assert [s for s in said if "after a restart" in s] == [
-        f"anontrace serve: SIGHUP: listen changed in {path}: takes effect after a restart",
-        f"anontrace serve: SIGHUP: backend changed in {path}: takes effect after a restart",
+        f"SIGHUP: listen changed in {path}: takes effect after a restart",
+        f"SIGHUP: backend changed in {path}: takes effect after a restart",
     ]
     # A second reload of the same file reports the same pending restart, once each.
     said.clear()

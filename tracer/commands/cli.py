@@ -269,37 +269,61 @@ def replay(recording: Path, as_json: bool) -> None:
 @click.option("--listen", metavar="ADDR:PORT",
               help="Address to serve /metrics on, overriding the config "
                    f"(default 127.0.0.1:{DEFAULT_PORT}; ':PORT' for every interface).")
-@click.option("--check-config", is_flag=True, help="Validate the config, print it and exit.")
-def serve(config_path: Path | None, listen: str | None, check_config: bool) -> None:
+@click.option("--web.config.file", "web_config_path",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="TLS, basic auth and headers for /metrics, in the Prometheus "
+                   "exporter-toolkit format (see deploy/web-config.yaml).")
+@click.option("--web.telemetry-path", "telemetry_path", default="/metrics", show_default=True,
+              help="Path under which the metrics are served.")
+@click.option("--log.level", "log_level", type=click.Choice(["debug", "info", "warn", "error"]),
+              default="info", show_default=True, help="Least severe log lines written.")
+@click.option("--log.format", "log_format", type=click.Choice(["logfmt", "json"]),
+              default="logfmt", show_default=True,
+              help="Log line format on stderr (timestamped; journald keeps it as is).")
+@click.option("--check-config", is_flag=True,
+              help="Validate the config (and the web config), print it and exit.")
+def serve(config_path: Path | None, listen: str | None, web_config_path: Path | None,
+          telemetry_path: str, log_level: str, log_format: str, check_config: bool) -> None:
     """Export anon_vma metrics to Prometheus (system-wide daemon).
 
     Attaches the probes, keeps the model of every process and serves
     /metrics and a status page. SIGTERM or SIGINT detaches every probe and
-    exits 0; SIGHUP reloads the config (selection, top_k, exited_expiry).
+    exits 0; SIGHUP reloads the config (selection, top_k, exited_expiry) and
+    the web config (TLS, basic auth, headers).
 
     \b
     Examples:
       sudo anontrace serve
       sudo anontrace serve --config /etc/anontrace/anontrace.yaml --listen :29100
+      sudo anontrace serve --web.config.file /etc/anontrace/web-config.yaml
       anontrace serve --config deploy/anontrace.yaml --check-config
     """
     from exporters.config import load_config, parse_listen
+    from exporters.web_config import load_web_config
 
     try:
         cfg = load_config(config_path)
+        web = load_web_config(web_config_path)
         if listen is not None:
             try:
                 parse_listen(listen)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--listen") from exc
+        if not telemetry_path.startswith("/") or telemetry_path == "/":
+            raise click.BadParameter("expected a path such as /metrics (not /, the "
+                                     "landing page)", param_hint="--web.telemetry-path")
         if check_config:
             click.echo(f"{cfg.source}: ok")
+            if web_config_path is not None:
+                click.echo(f"{web.source}: ok ({'TLS' if web.tls else 'plain HTTP'}, "
+                           f"{len(web.basic_auth_users)} basic-auth users)")
             click.echo(json.dumps(_config_dict(cfg), indent=2))
             return
-        from exporters.daemon import run_serve
+        from exporters.daemon import WebOptions, run_serve
+        from exporters.logs import setup_logging
 
-        run_serve(cfg, listen, on_ready=lambda msg: click.echo(msg, err=True),
-                  progress=lambda msg: click.echo(msg, err=True))
+        setup_logging(log_level, log_format)
+        run_serve(cfg, listen, web=WebOptions(web, telemetry_path))
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -318,27 +342,42 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 @click.option("--format", "fmt", type=click.Choice(["rules", "prometheusrule"]),
               default="rules", show_default=True,
               help="A Prometheus rule file, or a Prometheus Operator PrometheusRule resource.")
-def rules(config_path: Path | None, fmt: str) -> None:
+@click.option("--runbook-base-url", "runbook_base", metavar="URL",
+              help="Where docs/runbooks.md is published: each alert's runbook_url is "
+                   "URL#<alert name in lower case>. Overrides the config's "
+                   "runbook_base_url (default: docs/runbooks.md, a repository-relative link).")
+def rules(config_path: Path | None, fmt: str, runbook_base: str | None) -> None:
     """Print the Prometheus recording and alerting rules.
 
     The thresholds and windows come from the config's growth: section; the
     defaults give deploy/prometheus/anontrace.rules.yml and (with --format
-    prometheusrule) deploy/kubernetes/prometheusrule.yaml.
+    prometheusrule) deploy/kubernetes/prometheusrule.yaml. Every alert links
+    its section of docs/runbooks.md (runbook_url annotation).
 
     \b
     Examples:
       anontrace rules --config /etc/anontrace/anontrace.yaml > anontrace.rules.yml
       anontrace rules --format prometheusrule > prometheusrule.yaml
+      anontrace rules --runbook-base-url https://docs.example.org/anontrace/runbooks.html
     """
-    from exporters.config import load_config
+    from exporters.config import load_config, parse_runbook_base_url
     from exporters.rules import render_prometheus_rule, render_rules
 
+    if runbook_base is not None:
+        try:
+            parse_runbook_base_url(runbook_base)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--runbook-base-url") from exc
     try:
         cfg = load_config(config_path)
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
-    render = render_prometheus_rule if fmt == "prometheusrule" else render_rules
-    click.echo(render(cfg.growth), nl=False)
+    base = cfg.runbook_base_url if runbook_base is None else runbook_base
+    if fmt == "prometheusrule":
+        text = render_prometheus_rule(cfg.growth, runbook_base=base)
+    else:
+        text = render_rules(cfg.growth, runbook_base=base)
+    click.echo(text, nl=False)
 
 
 if __name__ == "__main__":
