@@ -26,6 +26,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporters.config import ServeConfig, load_config, parse_listen
 from exporters.http import HttpServer, WebGuard, landing_page, make_app
 from exporters.logs import RateLimited, log
+from exporters.privileges import KEPT, drop_privileges, notify_systemd
 from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus
 from exporters.view import Snapshot, TopView
 from exporters.web_config import WebConfig, load_web_config
@@ -119,9 +120,19 @@ class WebOptions:
     telemetry_path: str = "/metrics"
 
 
+@dataclasses.dataclass(frozen=True)
+class PrivilegeOptions:
+    """After start-up: drop every capability but those the running daemon
+    needs (exporters/privileges.py), and become ``user`` if given."""
+
+    drop: bool = True
+    user: str | None = None
+
+
 def run_serve(cfg: ServeConfig, listen: str | None = None,
               stop: threading.Event | None = None,
-              web: WebOptions = WebOptions()) -> int:
+              web: WebOptions = WebOptions(),
+              privileges: PrivilegeOptions = PrivilegeOptions()) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). Returns 0. Logs the
     start-up phases, resyncs, losses and shutdown on the ``anontrace``
     logger (exporters/logs.py)."""
@@ -133,7 +144,7 @@ def run_serve(cfg: ServeConfig, listen: str | None = None,
     server = HttpServer(host, port)
     try:
         require_root()
-        _serve(cfg, server, host, stop, web)
+        _serve(cfg, server, host, stop, web, privileges)
     finally:
         server.close()
     log(logging.INFO, "stopped: every probe detached")
@@ -159,7 +170,8 @@ def _log_startup(session: Any) -> None:
 
 
 def _serve(cfg: ServeConfig, server: HttpServer, host: str,
-           stop: threading.Event | None, web: WebOptions) -> None:
+           stop: threading.Event | None, web: WebOptions,
+           privileges: PrivilegeOptions) -> None:
     from tracer.kernel.bpf_session import TraceOptions, TraceSession
 
     opts = TraceOptions(backend=cfg.backend, pids=cfg.selection.pids, follow_children=True,
@@ -192,6 +204,11 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str,
         registry = CollectorRegistry()
         AnontraceCollector(export, registry=registry)
         ProcessCollector(registry=registry)
+        if privileges.drop:
+            # Before any thread starts: capability sets are per thread.
+            dropped = drop_privileges(privileges.user)
+            log(logging.INFO, "privileges dropped", user=dropped.user, uid=dropped.uid,
+                kept=",".join(dropped.kept), why="; ".join(KEPT.values()))
         guard = WebGuard(web.web)
         server.set_tls(web.web.tls.context() if web.web.tls else None)
         path = web.telemetry_path
@@ -203,8 +220,10 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str,
             backend=session.plan.backend, tls=web.web.tls is not None,
             basic_auth=web.web.auth_required)
         reloader = Reloader(cfg, kstate, selection, _log_line, web.web, server, guard)
+        notify_systemd("READY=1")
         _state_loop(session, kstate, selection, stop or signals.event, signals.event,
                     census_missing is None, signals.reload, reloader)
+        notify_systemd("STOPPING=1")
         log(logging.INFO, "stopping: detaching the probes")
 
 

@@ -280,10 +280,15 @@ def replay(recording: Path, as_json: bool) -> None:
 @click.option("--log.format", "log_format", type=click.Choice(["logfmt", "json"]),
               default="logfmt", show_default=True,
               help="Log line format on stderr (timestamped; journald keeps it as is).")
+@click.option("--user", metavar="NAME",
+              help="Once the probes are attached, run as this user (keeping only CAP_BPF).")
+@click.option("--keep-privileges", is_flag=True,
+              help="Do not drop capabilities after start-up (debugging only).")
 @click.option("--check-config", is_flag=True,
               help="Validate the config (and the web config), print it and exit.")
 def serve(config_path: Path | None, listen: str | None, web_config_path: Path | None,
-          telemetry_path: str, log_level: str, log_format: str, check_config: bool) -> None:
+          telemetry_path: str, log_level: str, log_format: str, user: str | None,
+          keep_privileges: bool, check_config: bool) -> None:
     """Export anon_vma metrics to Prometheus (system-wide daemon).
 
     Attaches the probes, keeps the model of every process and serves
@@ -319,11 +324,21 @@ def serve(config_path: Path | None, listen: str | None, web_config_path: Path | 
                            f"{len(web.basic_auth_users)} basic-auth users)")
             click.echo(json.dumps(_config_dict(cfg), indent=2))
             return
-        from exporters.daemon import WebOptions, run_serve
+        from exporters.daemon import PrivilegeOptions, WebOptions, run_serve
         from exporters.logs import setup_logging
 
+        if user is not None and keep_privileges:
+            raise click.UsageError("--user and --keep-privileges exclude each other")
+        if user is not None:
+            import pwd
+
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise click.BadParameter(f"no such user: {user}", param_hint="--user") from None
         setup_logging(log_level, log_format)
-        run_serve(cfg, listen, web=WebOptions(web, telemetry_path))
+        run_serve(cfg, listen, web=WebOptions(web, telemetry_path),
+                  privileges=PrivilegeOptions(not keep_privileges, user))
     except AnontraceError as exc:
         raise click.ClickException(str(exc)) from exc
 
