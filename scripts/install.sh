@@ -6,7 +6,9 @@
 #                               for the guest tests, gcc, drgn, the 6.12 and
 #                               7.2 debug vmlinux for ground truth and
 #                               bpftrace (the peer bench/fork_overhead.py
-#                               compares against)
+#                               compares against), podman and mmdebstrap
+#                               (tests/kernel/test_image.py builds the image
+#                               with scripts/build-image.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,8 @@ apt_pkgs=(python3 python3-venv python3-pip python3-bpfcc bpftool linux-headers-a
 if [ "$want_test" = 1 ]; then
     apt_pkgs+=(gcc libc6-dev make linux-image-amd64 linux-image-6.12-amd64
                linux-headers-6.12-amd64 qemu-system-x86 busybox-static prometheus
-               bpftrace man-db groff-base)
+               bpftrace man-db groff-base
+               podman runc mmdebstrap python3-setuptools python3-wheel)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
