@@ -104,7 +104,8 @@ def test_serve_in_the_image(image: str, tmp_path: Path,
     before = bpf_prog_ids()
     proc = subprocess.Popen(
         [*RUN, "--name", name, "-v", f"{config}:/etc/anontrace/anontrace.yaml:ro", image,
-         "serve", "--config", "/etc/anontrace/anontrace.yaml", "--listen", f"127.0.0.1:{port}"],
+         "serve", "--config", "/etc/anontrace/anontrace.yaml", "--listen", f"127.0.0.1:{port}",
+         "--user", "nobody"],   # as the DaemonSet runs it
         stdout=log, stderr=subprocess.STDOUT, env=ENV)
 
     def output() -> str:
@@ -138,6 +139,7 @@ def test_serve_in_the_image(image: str, tmp_path: Path,
         assert {lab["probe"] for lab, _ in _samples(text, "anontrace_probe_attached")} \
             == set(PROBES)
         assert _samples(text, "anontrace_tracked_processes")[0][1] > 0
+        assert "privileges dropped" in output() and "user=nobody" in output(), output()
         assert _samples(text, "anontrace_anon_vmas")[0][1] > 10
         ours = bpf_prog_ids() - before
         assert ours, "serve in the container loaded no BPF program"

@@ -43,3 +43,37 @@ def test_address_it_cannot_bind(nothing_attaches, listen: str, why: str) -> None
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: " + why), result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text,why", [
+    (None, "cannot read web config: Permission denied"),
+    ("basic_auth_users:\n  prometheus: hunter2\n",
+     ":2: basic_auth_users.prometheus: expected a bcrypt hash"),
+])
+def test_bad_web_config(nothing_attaches, tmp_path, monkeypatch, text: str | None,
+                        why: str) -> None:
+    """An unreadable web config or a password that is not a bcrypt hash: one
+    line, exit 1, before anything is bound or compiled."""
+    web = tmp_path / "web.yaml"
+    web.write_text(text or "basic_auth_users: {}\n")
+    if text is None:
+        # Unreadable: root reads anything, so open() is made to fail as it
+        # does for a user without permission.
+        import builtins
+
+        real_open = builtins.open
+
+        def deny(path, *a, **kw):
+            if str(path) == str(web):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(builtins, "open", deny)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(main, ["serve", "--listen", f"127.0.0.1:{port}",
+                                       "--web.config.file", str(web)], prog_name="anontrace")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {web}") and why in result.output, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
