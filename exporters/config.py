@@ -482,13 +482,18 @@ def load_config(path: str | os.PathLike[str] | None) -> ServeConfig:
     if path is None:
         return ServeConfig()
     source = os.fspath(path)
+    return parse_config(read_text(source, "config"), source)
+
+
+def read_text(source: str, what: str) -> str:
+    """The text of a config file; ConfigError "{source}: cannot read {what}:
+    ..." when it cannot be read or is not UTF-8."""
     try:
         # utf-8-sig: editors on some systems save a BOM.
         with open(source, encoding="utf-8-sig") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
-        raise ConfigError(f"{source}: cannot read config: {e.strerror or e}") from None
+        raise ConfigError(f"{source}: cannot read {what}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: cannot read config: not UTF-8 text "
+        raise ConfigError(f"{source}: cannot read {what}: not UTF-8 text "
                           f"({e.reason} at byte {e.start})") from None
-    return parse_config(text, source)

@@ -30,6 +30,7 @@ from exporters.config import (
     _Parser,
     _string,
     compose_yaml,
+    read_text,
 )
 
 CLIENT_AUTH_TYPES = {
@@ -232,12 +233,4 @@ def load_web_config(path: str | os.PathLike[str] | None) -> WebConfig:
     if path is None:
         return WebConfig()
     source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8-sig") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read web config: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: cannot read web config: not UTF-8 text "
-                          f"({e.reason} at byte {e.start})") from None
-    return parse_web_config(text, source)
+    return parse_web_config(read_text(source, "web config"), source)

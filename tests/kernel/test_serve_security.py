@@ -5,12 +5,9 @@ scrape; after SIGHUP with RequireAndVerifyClientCert a client without a
 certificate is refused and one with a verified certificate served."""
 from __future__ import annotations
 
-import base64
 import os
 import signal
-import socket
 import ssl
-import threading
 import time
 import urllib.error
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 import trustme
 
 from tests.kernel.stack import Prometheus, Serve, http_get
+from tests.slow_clients import SlowClients
 
 USER, PASSWORD = "prometheus", "correct horse"
 
@@ -93,25 +91,7 @@ def test_tls_basic_auth_and_client_certificates(tmp_path: Path, backend: str) ->
 
         # A slow client (handshake done, reading a byte a second) and one
         # that never says hello delay no other client's scrape beyond 1 s.
-        stalled = socket.create_connection(("127.0.0.1", srv.port))
-        slow = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port)),
-                               server_hostname="127.0.0.1")
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        slow.sendall(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}"
-                     "\r\n\r\n".encode())
-        stop = threading.Event()
-
-        def trickle() -> None:
-            while not stop.wait(1.0):
-                try:
-                    if not slow.recv(1):
-                        return
-                except OSError:
-                    return
-
-        reader = threading.Thread(target=trickle)
-        reader.start()
-        try:
+        with SlowClients(srv.port, ctx, USER, PASSWORD):
             worst = 0.0
             for _ in range(3):
                 started = time.monotonic()
@@ -119,11 +99,6 @@ def test_tls_basic_auth_and_client_certificates(tmp_path: Path, backend: str) ->
                 worst = max(worst, time.monotonic() - started)
                 time.sleep(1)
             assert worst < 1.0, f"a scrape beside a slow client took {worst:.2f} s"
-        finally:
-            stop.set()
-            reader.join()
-            slow.close()
-            stalled.close()
 
         # SIGHUP: client certificates are now required and verified.
         web.write_text(tls + "  client_auth_type: RequireAndVerifyClientCert\n"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.client
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import trustme
 from exporters.config import ConfigError
 from exporters.http import HttpServer, WebGuard
 from exporters.web_config import WebConfig, load_web_config, parse_web_config
+from tests.slow_clients import SlowClients
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret"
@@ -199,34 +198,11 @@ def test_a_slow_client_delays_no_other(server: tuple[HttpServer, WebGuard, Path]
     """One client stalls in the TLS handshake, another sends its request and
     reads a byte a second: a third client's scrape still answers at once."""
     srv, _, _ = server
-    stalled = socket.create_connection(("127.0.0.1", srv.port))   # never says hello
-    slow = _client_ctx(pki).wrap_socket(socket.create_connection(("127.0.0.1", srv.port)),
-                                        server_hostname="127.0.0.1")
-    auth = base64.b64encode(f"prom:{PASSWORD}".encode()).decode()
-    slow.sendall(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\r\n"
-                 .encode())
-    stop = threading.Event()
-
-    def trickle() -> None:
-        while not stop.wait(1.0):
-            try:
-                if not slow.recv(1):
-                    return
-            except OSError:
-                return
-
-    t = threading.Thread(target=trickle)
-    t.start()
-    try:
+    with SlowClients(srv.port, _client_ctx(pki), "prom", PASSWORD):
         time.sleep(0.5)
         started = time.monotonic()
         assert _get(srv.port, _client_ctx(pki), "prom").status == 200
         assert time.monotonic() - started < 1.0
-    finally:
-        stop.set()
-        t.join()
-        slow.close()
-        stalled.close()
 
 
 def test_guard_without_users_lets_everyone_in() -> None:
