@@ -14,26 +14,12 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-import trustme
 
 from tests.kernel.stack import Prometheus, Serve, http_get
+from tests.pki import make_pki
 from tests.slow_clients import SlowClients
 
 USER, PASSWORD = "prometheus", "correct horse"
-
-
-def _pki(d: Path) -> dict[str, Path]:
-    ca, client_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    client = client_ca.issue_cert("scraper@example.org")
-    out = {"ca": d / "ca.crt", "crt": d / "server.crt", "key": d / "server.key",
-           "client_ca": d / "client-ca.crt", "client": d / "client.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(out["crt"]))
-    server.private_key_pem.write_to_path(str(out["key"]))
-    client_ca.cert_pem.write_to_path(str(out["client_ca"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
-    return out
 
 
 def _status(url: str, ctx: ssl.SSLContext, auth: tuple[str, str] | None) -> int:
@@ -51,7 +37,7 @@ def test_tls_basic_auth_and_client_certificates(tmp_path: Path, backend: str) ->
                     "runs on the host (with Debian's Prometheus)")
     if backend != "auto":
         pytest.skip(f"runs once, in the host's auto pass, not {backend}")
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path, "scraper@example.org")
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
     web = tmp_path / "web-config.yaml"
     tls = f"tls_server_config:\n  cert_file: {pki['crt']}\n  key_file: {pki['key']}\n"

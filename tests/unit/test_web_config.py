@@ -11,11 +11,11 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-import trustme
 
 from exporters.config import ConfigError
 from exporters.http import HttpServer, WebGuard
 from exporters.web_config import WebConfig, load_web_config, parse_web_config
+from tests.pki import make_pki
 from tests.slow_clients import SlowClients
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,19 +27,7 @@ HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A server CA and certificate for 127.0.0.1, and a client CA with one
     client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    ca, client_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = client_ca.issue_cert("prometheus@example.org")
-    out = {"ca": d / "ca.crt", "crt": d / "server.crt", "key": d / "server.key",
-           "client_ca": d / "client-ca.crt", "client": d / "client.pem"}
-    ca.cert_pem.write_to_path(str(out["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(out["crt"]))
-    server.private_key_pem.write_to_path(str(out["key"]))
-    client_ca.cert_pem.write_to_path(str(out["client_ca"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(out["client"]))
-    return out
-
+    return make_pki(tmp_path_factory.mktemp("pki"), "prometheus@example.org")
 
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "web.yaml"
