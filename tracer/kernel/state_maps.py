@@ -2,6 +2,7 @@
 through tracer.kernel.bcc_glue); tracer.kernel.kstate decodes what is read."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections.abc import Callable
 from typing import Any
@@ -51,10 +52,19 @@ def forget_processes(proc_table: Any, pids: list[int]) -> None:
             pass
 
 
+def clear_hash(t: Any) -> None:
+    """Delete every entry of a hash map the programs keep writing: BCC's
+    clear() raises KeyError when a program deletes an entry between its
+    key walk and its delete (an exit during a resync)."""
+    for key in list(t.keys()):
+        with contextlib.suppress(KeyError):
+            del t[key]
+
+
 def clear_state(table: Table) -> None:
     """Empty every state map but the counters (before a resync census)."""
     for name in STATE_MAPS:
-        table(name).clear()
+        clear_hash(table(name))
     g = table("st_global")
     for i in range(3):   # the live totals; event counters and map_full carry on
         g[ctypes.c_int(i)] = g.Leaf(*([0] * len(g[ctypes.c_int(i)])))
