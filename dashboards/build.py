@@ -299,6 +299,30 @@ def overview() -> dm.Dashboard:
               query(f"max by (instance) (anontrace_family_max_depth{{{INST}}})",
                     "{{instance}} deepest live (top-K families)", "C")], h=9)))
 
+    b = (b.with_row(db.Row("Rmap width").collapsed(False))
+         .with_panel(ts(
+             "Widest anon_vma (rmap width)",
+             "The most VMAs in one anon_vma's interval tree on each instance: every one of "
+             "them an rmap walk (reclaim, migration, compaction, KSM) of one of its pages "
+             "may visit. Measured by the rmap census every rmap_interval.",
+             [query(f"max by (instance) (anontrace_rmap_width_max{{{INST}}})", "{{instance}}"),
+              query(f"max by (instance) (anontrace_family_rmap_width_max{{{INST}}})",
+                    "{{instance}} widest top-K family", ref="B")], w=8))
+         .with_panel(ts(
+             "Top 10 processes by rmap width",
+             "Largest rmap width of the anon_vmas of the 10 widest top-K processes.",
+             [query(f"topk(10, anontrace_process_rmap_width_max{{{INST}}})",
+                    "{{instance}} {{pid}} {{comm}}")], w=8))
+         .with_panel(ts(
+             "rmap census cost and age",
+             "What each rmap census (a walk of every VMA's chain) took, and how old the "
+             "rmap figures are.",
+             [query(f"max by (instance) (anontrace_rmap_census_duration_seconds{{{INST}}})",
+                    "{{instance}} duration"),
+              query(f"max by (instance) (time() - "
+                    f"anontrace_rmap_census_timestamp_seconds{{{INST}}})",
+                    "{{instance}} age", ref="B")], unit="s", w=8)))
+
     proc_link = data_link(
         "Drill down to ${__data.fields.comm} (${__data.fields.pid})",
         f"/d/{PROCESS_UID}?${{__url_time_range}}&var-datasource=${{datasource}}"
@@ -312,10 +336,13 @@ def overview() -> dm.Dashboard:
              "Top processes",
              f"The {TOP_ROWS} processes with the most anon_vmas (top-K processes only).",
              top_table_targets(["anontrace_process_anon_vmas", "anontrace_process_anon_vma_chains",
-                                "anontrace_process_max_depth", "anontrace_process_max_degree"],
+                                "anontrace_process_max_depth", "anontrace_process_max_degree",
+                                "anontrace_process_rmap_width_max",
+                                "anontrace_process_rmap_links"],
                                PROC_KEYS, "anontrace_process_anon_vmas"),
              rename={"Value #A": "anon_vmas", "Value #B": "anon_vma_chains",
-                     "Value #C": "max depth", "Value #D": "max degree"},
+                     "Value #C": "max depth", "Value #D": "max degree",
+                     "Value #E": "rmap width", "Value #F": "rmap links"},
              sort="anon_vmas", w=12, h=10).data_links([proc_link]))
          .with_panel(table_panel(
              "Top families",
@@ -323,9 +350,12 @@ def overview() -> dm.Dashboard:
              "the root) with the most anon_vmas (top-K families only).",
              top_table_targets(["anontrace_family_anon_vmas",
                                 "anontrace_family_orphaned_anon_vmas",
-                                "anontrace_family_max_depth"],
+                                "anontrace_family_max_depth",
+                                "anontrace_family_rmap_width_max",
+                                "anontrace_family_rmap_links"],
                                FAM_KEYS, "anontrace_family_anon_vmas"),
-             rename={"Value #A": "anon_vmas", "Value #B": "orphaned", "Value #C": "max depth"},
+             rename={"Value #A": "anon_vmas", "Value #B": "orphaned", "Value #C": "max depth",
+                     "Value #D": "rmap width", "Value #E": "rmap links"},
              sort="anon_vmas", w=12, h=10).data_links([fam_link]))
          .with_panel(ts(
              "Top 10 processes by anon_vmas", "anon_vmas of the 10 largest top-K processes.",
@@ -396,7 +426,15 @@ def process() -> dm.Dashboard:
          .with_panel(ts("Process max degree",
                         "Most live child anon_vmas of one of the process's anon_vmas."
                         + topk_note,
-                        [query(f"anontrace_process_max_degree{{{pid}}}", proc_legend)])))
+                        [query(f"anontrace_process_max_degree{{{pid}}}", proc_legend)]))
+         .with_panel(ts("Process rmap width",
+                        "Largest rmap width of the process's anon_vmas (VMAs an rmap walk of "
+                        "one of its pages may visit), and their total (rmap links), at the "
+                        "last rmap census." + topk_note,
+                        [query(f"anontrace_process_rmap_width_max{{{pid}}}",
+                               proc_legend + " max"),
+                         query(f"anontrace_process_rmap_links{{{pid}}}",
+                               proc_legend + " links", ref="B")], w=24)))
 
     b = (b.with_row(db.Row("Family").collapsed(False))
          .with_panel(ts("Family anon_vmas",
@@ -408,7 +446,13 @@ def process() -> dm.Dashboard:
                         w=8))
          .with_panel(ts("Family max depth",
                         "Deepest live anon_vma of the family (root = 1)." + fam_note,
-                        [query(f"anontrace_family_max_depth{{{fam}}}", fam_legend)], w=8)))
+                        [query(f"anontrace_family_max_depth{{{fam}}}", fam_legend)], w=8))
+         .with_panel(ts("Family rmap width",
+                        "Largest rmap width of the family's anon_vmas, and their total (rmap "
+                        "links), at the last rmap census." + fam_note,
+                        [query(f"anontrace_family_rmap_width_max{{{fam}}}", fam_legend + " max"),
+                         query(f"anontrace_family_rmap_links{{{fam}}}", fam_legend + " links",
+                               ref="B")], w=24)))
     return finish(b)
 
 

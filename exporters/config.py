@@ -89,6 +89,9 @@ class ServeConfig:
     exited_expiry_seconds: float = 300.0
     growth: GrowthConfig = GrowthConfig()
     maps: MapSizes = MapSizes()            # entries of the BPF state maps
+    # YAML key "rmap_interval": seconds between rmap censuses (a walk of every
+    # VMA's chain on the host, for the rmap width metrics); None: never.
+    rmap_interval_seconds: float | None = 15.0
     # Base of the alerts' runbook_url annotations (`anontrace rules` only).
     runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL
     source: str = "<defaults>"             # the file it came from
@@ -296,6 +299,10 @@ def _duration(node: Node, path: str) -> float:
         raise _Invalid(node, path, str(e)) from None
 
 
+def _optional_duration(node: Node, path: str) -> float | None:
+    return None if _is_null(node) else _duration(node, path)
+
+
 def _listen(node: Node, path: str) -> str:
     # A bare [::1]:9966 is a YAML list, hence the hint to quote.
     value = _string(node, path, f"a quoted host:port such as {_LISTEN_EXAMPLES}")
@@ -409,6 +416,7 @@ _SERVE: dict[str, tuple[str, _Parser]] = {
     "exited_expiry": ("exited_expiry_seconds", _duration),
     "growth": ("growth", _section(GrowthConfig, _GROWTH)),
     "maps": ("maps", _section(MapSizes, _MAPS)),
+    "rmap_interval": ("rmap_interval_seconds", _optional_duration),
     "runbook_base_url": ("runbook_base_url", _runbook_base_url),
 }
 

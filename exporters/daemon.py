@@ -8,6 +8,7 @@ leaving the TraceSession context detaches every probe.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -16,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from tracer import __version__
 from tracer.errors import AnontraceError
 from tracer.kernel.kstate import KernelState, ProcRow
 from tracer.kernel.procs import proc_cgroup
+from tracer.model.rmap import RmapSnapshot
 
 RESYNC_MIN_S = 10.0         # at most one census rebuild per this many seconds
 SNAPSHOT_S = 1.0            # state maps read this often (scrapes export the latest)
@@ -178,9 +180,10 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str,
                         events=False, state=True, map_sizes=cfg.maps)
     log(logging.INFO, "starting: compiling and attaching the BPF programs (BCC)",
         version=__version__, config=cfg.source, backend=cfg.backend)
-    with _Stop() as signals, TraceSession(opts) as session:
+    with _Stop() as signals, TraceSession(opts) as session, contextlib.ExitStack() as stack:
         assert session.plan is not None
         _log_startup(session)
+        rmap = stack.enter_context(_rmap_census(cfg, session))
         session.drop_bulk_facts()
         _return_freed_memory()
         build = {"version": __version__, "kernel": os.uname().release,
@@ -188,7 +191,7 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str,
         selection = Selection(cfg)
         if not session.uses_state:
             raise AnontraceError(f"the {session.plan.backend} backend keeps no state maps here")
-        kstate = StateServe(cfg, build, _probe_statuses(session.plan), selection)
+        kstate = StateServe(cfg, build, _probe_statuses(session.plan), selection, rmap)
         started = time.monotonic()
         census_missing = session.state_census()
         kstate.refresh(session, time.monotonic())
@@ -227,6 +230,33 @@ def _serve(cfg: ServeConfig, server: HttpServer, host: str,
         log(logging.INFO, "stopping: detaching the probes")
 
 
+@contextlib.contextmanager
+def _rmap_census(cfg: ServeConfig, session: Any) -> Iterator[Any]:
+    """The loaded rmap census, released at the end; None if rmap_interval
+    is off or the kernel will not run it (logged: serve runs without the
+    rmap metrics)."""
+    if cfg.rmap_interval_seconds is None:
+        yield None
+        return
+    from tracer.kernel.rmap_census import RmapCensus
+
+    started = time.monotonic()
+    census = RmapCensus(facts=session.facts)
+    try:
+        census.open()
+    except AnontraceError as exc:
+        log(logging.WARNING, "no rmap census: the rmap width metrics are not exported",
+            reason=str(exc))
+        yield None
+        return
+    log(logging.INFO, "rmap census loaded", seconds=round(time.monotonic() - started, 3),
+        interval=cfg.rmap_interval_seconds)
+    try:
+        yield census
+    finally:
+        census.close()
+
+
 def _log_line(msg: str, level: int = logging.INFO) -> None:
     log(level, msg)
 
@@ -237,8 +267,15 @@ class StateServe:
     resync."""
 
     def __init__(self, cfg: ServeConfig, build: dict[str, str], probes: list[ProbeStatus],
-                 selection: Callable[[Any], bool] | None = None) -> None:
+                 selection: Callable[[Any], bool] | None = None,
+                 rmap_census: Any = None) -> None:
         self.lock = threading.Lock()
+        # The rmap census (tracer.kernel.rmap_census) and its last result.
+        self.rmap_census = rmap_census
+        self.rmap_interval = cfg.rmap_interval_seconds
+        self.rmap: RmapSnapshot | None = None
+        self.rmap_time = 0.0
+        self._rmap_next = 0.0
         self.view = TopView(cfg.top_k, cfg.exited_expiry_seconds,
                             selection or (lambda p: True))
         self.build = build
@@ -252,10 +289,11 @@ class StateServe:
     def refresh(self, session: Any, now: float) -> list[int]:
         """Read the maps, retire exited processes (deleted from the maps once
         noted) and build the next snapshot. Returns the exited pids."""
+        self._measure_rmap(now)
         state = KernelState.decode(session.read_state())
         exited = [r for r in state.processes.values() if r.exited]
         self.view.note_exited_rows(exited, now)
-        snap = self.view.snapshot_state(state, now)
+        snap = self.view.snapshot_state(state, now, self.rmap, self.rmap_time)
         gone = [r.pid for r in exited]
         session.forget_processes(gone)
         g = state.globals
@@ -269,6 +307,22 @@ class StateServe:
         with self.lock:
             self._current = current
         return gone
+
+    def _measure_rmap(self, now: float) -> None:
+        """Run the rmap census when it is due (every rmap_interval)."""
+        if self.rmap_census is None or self.rmap_interval is None or now < self._rmap_next:
+            return
+        self._rmap_next = now + self.rmap_interval
+        try:
+            self.rmap = self.rmap_census.run()
+            self.rmap_time = time.time()
+        except AnontraceError as exc:
+            log(logging.ERROR, "rmap census failed: no rmap figures from now on", reason=str(exc))
+            self.rmap_census, self.rmap = None, None
+            return
+        if not self.rmap.complete:
+            log(logging.WARNING, "rmap census incomplete: widths may be low",
+                truncated_chains=self.rmap.truncated_chains, refused=self.rmap.refused)
 
     def export(self) -> ExportState:
         """What a scrape exports now (called from collect())."""

@@ -49,6 +49,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("anontrace_map_full", "counter",
                "Inserts a full BPF state map refused (each also counts as a lost event); "
                "the state is rebuilt from a census once they stop.", ("map",)),
+    MetricSpec("anontrace_rmap_width_max", "gauge",
+               "Largest rmap width of any anon_vma on the host at the last rmap census: "
+               "the VMAs in its interval tree, all of which an rmap walk of one of its "
+               "pages may visit."),
+    MetricSpec("anontrace_rmap_census_duration_seconds", "gauge",
+               "What the last rmap census (a walk of every VMA's anon_vma chain) took."),
+    MetricSpec("anontrace_rmap_census_timestamp_seconds", "gauge",
+               "When the last rmap census ran (Unix time); the rmap figures are as of then."),
     MetricSpec("anontrace_hierarchy_depth", "histogram",
                "Depth of anon_vmas as they are created (root = 1)."),
     MetricSpec("anontrace_process_anon_vmas", "gauge",
@@ -62,6 +70,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("anontrace_process_max_degree", "gauge",
                "Most live child anon_vmas of one of the process's anon_vmas (top-K only).",
                ("pid", "comm")),
+    MetricSpec("anontrace_process_rmap_width_max", "gauge",
+               "Largest rmap width of the anon_vmas the process's VMAs point at, at the last "
+               "rmap census (top-K processes only).", ("pid", "comm")),
+    MetricSpec("anontrace_process_rmap_links", "gauge",
+               "Total rmap width of the anon_vmas the process's VMAs point at: the "
+               "anon_vma_chain entries in their interval trees, at the last rmap census "
+               "(top-K processes only).", ("pid", "comm")),
     MetricSpec("anontrace_family_anon_vmas", "gauge",
                "Live anon_vmas of a family: all anon_vmas sharing one root anon_vma. "
                "family is the pid that created the root (top-K families only).",
@@ -71,6 +86,13 @@ METRICS: tuple[MetricSpec, ...] = (
                ("family", "comm")),
     MetricSpec("anontrace_family_max_depth", "gauge",
                "Deepest live anon_vma of the family (top-K families only).",
+               ("family", "comm")),
+    MetricSpec("anontrace_family_rmap_width_max", "gauge",
+               "Largest rmap width of the family's anon_vmas at the last rmap census "
+               "(top-K families only).", ("family", "comm")),
+    MetricSpec("anontrace_family_rmap_links", "gauge",
+               "Total rmap width of the family's anon_vmas: the anon_vma_chain entries in "
+               "their interval trees, at the last rmap census (top-K families only).",
                ("family", "comm")),
 )
 

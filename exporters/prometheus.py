@@ -124,6 +124,16 @@ class AnontraceCollector:
             m.add_metric([name], st.map_full.get(name, 0))
         yield m
 
+        if snap.rmap is not None:
+            rmap: tuple[tuple[str, float], ...] = (
+                ("anontrace_rmap_width_max", snap.rmap.max_width),
+                ("anontrace_rmap_census_duration_seconds", snap.rmap.seconds),
+                ("anontrace_rmap_census_timestamp_seconds", snap.rmap_time))
+            for name, reading in rmap:
+                m = _family(name)
+                m.add_metric([], reading)
+                yield m
+
         h = _histogram("anontrace_hierarchy_depth")
         buckets, total = depth_buckets(snap.learned_depths)
         h.add_metric([], buckets, total)
@@ -132,18 +142,26 @@ class AnontraceCollector:
         per_process = (("anontrace_process_anon_vmas", "anon_vmas"),
                        ("anontrace_process_anon_vma_chains", "anon_vma_chains"),
                        ("anontrace_process_max_depth", "max_depth"),
-                       ("anontrace_process_max_degree", "max_degree"))
+                       ("anontrace_process_max_degree", "max_degree"),
+                       ("anontrace_process_rmap_width_max", "rmap_max_width"),
+                       ("anontrace_process_rmap_links", "rmap_links"))
         for name, attr in per_process:
             m = _family(name)
             for r in snap.processes:
-                m.add_metric([str(r.pid), r.comm], getattr(r, attr))
+                value = getattr(r, attr)
+                if value is not None:   # rmap: not measured (yet) for this row
+                    m.add_metric([str(r.pid), r.comm], value)
             yield m
 
         per_family = (("anontrace_family_anon_vmas", "anon_vmas"),
                       ("anontrace_family_orphaned_anon_vmas", "orphaned_anon_vmas"),
-                      ("anontrace_family_max_depth", "max_depth"))
+                      ("anontrace_family_max_depth", "max_depth"),
+                      ("anontrace_family_rmap_width_max", "rmap_max_width"),
+                      ("anontrace_family_rmap_links", "rmap_links"))
         for name, attr in per_family:
             m = _family(name)
             for f in snap.families:
-                m.add_metric([f.family, f.comm], getattr(f, attr))
+                value = getattr(f, attr)
+                if value is not None:
+                    m.add_metric([f.family, f.comm], value)
             yield m

@@ -15,6 +15,7 @@ from typing import Protocol
 from tracer.format.events import safe_comm
 from tracer.kernel.kstate import KernelState, ProcRow
 from tracer.model.hierarchy import Model
+from tracer.model.rmap import RmapFigures, RmapSnapshot
 from tracer.model.types import Process
 
 
@@ -27,6 +28,9 @@ class ProcessRow:
     max_depth: int
     max_degree: int
     alive: bool
+    # At the last rmap census; None when none ran or the process exited.
+    rmap_max_width: int | None = None
+    rmap_links: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class FamilyRow:
     anon_vmas: int
     orphaned_anon_vmas: int
     max_depth: int
+    rmap_max_width: int | None = None
+    rmap_links: int | None = None
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Snapshot:
     processes: list[ProcessRow] = field(default_factory=list)
     families: list[FamilyRow] = field(default_factory=list)
     learned_depths: dict[int, int] = field(default_factory=dict)
+    rmap: RmapSnapshot | None = None   # the last rmap census, if any
+    rmap_time: float = 0.0             # when it ran (Unix time)
 
 
 
@@ -148,9 +156,11 @@ class TopView:
                                                        f.max_degree, False))
         self.note_exited([], now)   # bound what is kept
 
-    def snapshot_state(self, state: KernelState, now: float) -> Snapshot:
+    def snapshot_state(self, state: KernelState, now: float,
+                       rmap: RmapSnapshot | None = None, rmap_time: float = 0.0) -> Snapshot:
         """The figures to export from the state maps (tracer.kernel.kstate): the
-        same ranking, expiry and bounds as :meth:`snapshot`."""
+        same ranking, expiry and bounds as :meth:`snapshot`; the rmap widths
+        of the live rows from ``rmap``, the last rmap census."""
         live = {pid: r for pid, r in state.processes.items() if r.alive}
         self._expire(now, live)
         g = state.globals
@@ -162,18 +172,23 @@ class TopView:
         cands = heapq.nlargest(self.top_k, (r for r in live.values()
                                             if r.figures.anon_vmas and self.eligible(r)),
                                key=lambda r: (r.figures.anon_vmas, r.figures.max_depth, -r.pid))
+        prm = rmap.processes if rmap is not None else {}
         rows = [ProcessRow(r.pid, safe_comm(r.comm), r.figures.anon_vmas,
                            r.figures.anon_vma_chains, r.figures.max_depth,
-                           r.figures.max_degree, True) for r in cands]
+                           r.figures.max_degree, True, *_widths(prm, r.pid, rmap))
+                for r in cands]
         rows.extend(row for _, row in self._exited.values())
         rows.sort(key=lambda r: (-r.anon_vmas, -r.max_depth, r.pid))
         snap.processes = rows[:self.top_k]
         fams = [f for f in state.families.values() if f.pid and f.anon_vmas]
         best = heapq.nlargest(self.top_k, fams,
                               key=lambda f: (f.anon_vmas, f.max_depth, -f.pid))
+        frm = rmap.families if rmap is not None else {}
         snap.families = [FamilyRow(str(f.pid), safe_comm(self._comms.get(f.pid, "")),
-                                   f.anon_vmas, f.orphaned_anon_vmas, f.max_depth)
+                                   f.anon_vmas, f.orphaned_anon_vmas, f.max_depth,
+                                   *_widths(frm, f.pid, rmap))
                          for f in best]
+        snap.rmap, snap.rmap_time = rmap, rmap_time
         if len(self._comms) > len(live) + 4096:
             keep = set(live) | set(self._exited) | {f.pid for f in fams}
             self._comms = {pid: c for pid, c in self._comms.items() if pid in keep}
@@ -238,3 +253,11 @@ class TopView:
         rows = [FamilyRow(str(pid), safe_comm(comm), n, orph, depth)
                 for (pid, comm), (n, orph, depth) in best]
         return rows
+
+
+def _widths(figures: dict[int, RmapFigures], pid: int, rmap: RmapSnapshot | None
+            ) -> tuple[int | None, int | None]:
+    """(max width, links) of ``pid`` in the last census; Nones when no
+    census ran or it did not see ``pid`` (started since)."""
+    f = figures.get(pid) if rmap is not None else None
+    return (f.max_width, f.total_width) if f is not None else (None, None)

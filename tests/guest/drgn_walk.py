@@ -13,7 +13,8 @@ not enough.  Loading it takes a while under TCG (timing is printed on stderr).
 For every VMA with an anon_vma it reports the range, the anon_vma, its
 depth (root = 1, following ->parent until parent == self), the number of
 anon_vma_chain entries on the VMA, num_children / num_active_vmas, root and
-parent.  Addresses are hex strings in the JSON output.
+parent, and the chain itself: each entry's anon_vma, depth and rmap width
+(the entries in that anon_vma's interval tree).  Addresses are hex strings in the JSON output.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import drgn
 from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.mm import for_each_vma
 from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
 # A corrupt or concurrently freed parent chain must not loop forever.
 MAX_DEPTH = 100_000
@@ -67,6 +69,22 @@ def chain_length(vma: drgn.Object) -> int:
     )
 
 
+def rmap_width(av: drgn.Object) -> int:
+    """anon_vma_chain entries in ``av``'s interval tree: the VMAs an rmap
+    walk of its pages may visit."""
+    return sum(1 for _ in rbtree_inorder_for_each_entry(
+        "struct anon_vma_chain", av.rb_root.rb_root.address_of_(), "rb"))
+
+
+def chain(vma: drgn.Object) -> list[dict[str, Any]]:
+    """The VMA's chain entries in list order (newest first), each with its
+    anon_vma, depth and rmap width."""
+    return [{"anon_vma": hex(avc.anon_vma.value_()), "depth": anon_vma_depth(avc.anon_vma),
+             "rmap_width": rmap_width(avc.anon_vma)}
+            for avc in list_for_each_entry("struct anon_vma_chain",
+                                           vma.anon_vma_chain.address_of_(), "same_vma")]
+
+
 def walk_pid(prog: drgn.Program, pid: int) -> dict[str, Any]:
     """Describe every anon_vma-backed VMA of ``pid``; an ``error`` key if it cannot."""
     task = find_task(prog, pid)
@@ -90,6 +108,7 @@ def walk_pid(prog: drgn.Program, pid: int) -> dict[str, Any]:
             "num_active_vmas": av.num_active_vmas.value_(),
             "root": hex(av.root.value_()),
             "parent": hex(av.parent.value_()),
+            "chain": chain(vma),
         })
     return {
         "pid": pid,

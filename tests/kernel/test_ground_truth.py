@@ -77,13 +77,22 @@ def _drgn_figures(walk: dict) -> dict:
     # README's degree counts child anon_vmas only.
     degree = [v["num_children"] - (1 if v["root"] == v["anon_vma"] else 0)
               for v in avs.values()]
+    width = {e["anon_vma"]: e["rmap_width"] for v in vmas for e in v["chain"]}
     return {
         "anon_vmas": len(avs),
         "anon_vma_chains": sum(v["chain_len"] for v in vmas),
         "max_depth": max((v["depth"] for v in vmas), default=0),
         "max_degree": max(degree, default=0),
         "max_chain": max((v["chain_len"] for v in vmas), default=0),
+        "rmap_max_width": max((width[av] for av in avs), default=0),
+        "rmap_total_width": sum(width[av] for av in avs),
     }
+
+
+def _tree_chains(tree: dict) -> dict[int, list[tuple[int, int]]]:
+    """VMA start -> (depth, rmap width) of each chain entry, newest first."""
+    return {int(v["start"], 16): [(e["depth"], e["rmap_width"]) for e in v["chain"]]
+            for v in tree["vmas"]}
 
 
 def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
@@ -103,6 +112,11 @@ def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
             args += ["--pid", str(pid)]
         truth = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=600,
                                           check=True).stdout)
+        # `anontrace tree` of the same paused family, as a user runs it.
+        tree_out = subprocess.run([sys.executable, "-m", "tracer", "tree", "--json",
+                                   *map(str, pids.values())], capture_output=True, text=True,
+                                  timeout=300, check=True, cwd=ROOT).stdout
+        trees = {t["pid"]: t for t in map(json.loads, tree_out.splitlines())}
         have = len(run.reports)
         run.read_until(lambda r: len(r.reports) >= have + 1)
         report = run.reports[-1]
@@ -110,7 +124,18 @@ def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
         run.finish()
     assert not report["partial"], report["partial_reasons"]
     by_pid = {p["pid"]: p for p in report["processes"]}
+    compared = 0
     for walk in truth["pids"]:
         expected = _drgn_figures(walk)
         got = {k: by_pid[walk["pid"]][k] for k in expected}
         assert got == expected, (walk["pid"], got, expected)
+        # Every chain entry of every VMA: the rmap width `tree` reports is
+        # the number of anon_vma_chain entries in that anon_vma's interval
+        # tree, as drgn counts them.
+        # tree lists a chain deepest first; drgn in the kernel's list order.
+        kernel = {int(v["vm_start"], 16): [(e["depth"], e["rmap_width"]) for e in sorted(
+                      v["chain"], key=lambda e: -e["depth"])] for v in walk["vmas"]}
+        assert _tree_chains(trees[walk["pid"]]) == kernel, walk["pid"]
+        compared += sum(len(c) for c in kernel.values())
+    # Every generation's regions alone hold 1 + 2 + ... + (G+1) entries each.
+    assert compared >= REGIONS * (GENERATIONS + 1) * (GENERATIONS + 2) // 2

@@ -44,6 +44,7 @@ COMM = r"^(a\"b|c\\\\d|churn|forkloop|forkchain|deepen)"
 CONFIG = f"""\
 top_k: {TOP_K}
 exited_expiry: 5s
+rmap_interval: 1s
 selection:
   comm: "{COMM}"
 growth:
@@ -88,8 +89,12 @@ def test_serve_metrics_and_probes(serve: Serve, backend: str) -> None:
     attached = {lab["probe"]: lab for n, lab in series if n == "anontrace_probe_attached"}
     assert set(attached) == set(PROBES)
     # The census at start makes the totals real, not "since start".
-    anon = [v for v in _values(serve.metrics(), "anontrace_anon_vmas")]
+    text = serve.metrics()
+    anon = [v for v in _values(text, "anontrace_anon_vmas")]
     assert anon and anon[0] > 10
+    # So does the rmap census: every anon_vma is in at least one VMA's chain.
+    assert _values(text, "anontrace_rmap_width_max")[0] >= 1
+    assert 0 < _values(text, "anontrace_rmap_census_duration_seconds")[0] < 5
     page = serve_page(serve)
     assert "anon_vma_fork" in page and build[0]["backend"] in page
 
@@ -272,6 +277,15 @@ def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> Non
         # Ground truth by construction: generation g has depth g + 1.
         depth = prom.query(f'anontrace_family_max_depth{{family="{family}"}}')
         assert max(float(d["value"][1]) for d in depth) == DEEPEN_GENERATIONS + 1, depth
+        # Each region's root is linked into the VMA of every generation: its
+        # rmap width is at least G + 1, and the family's regions alone hold
+        # 4 x (1 + 2 + ... + (G + 1)) chain entries.
+        time.sleep(2)   # an rmap census (every second here) after "ready"
+        width = prom.query(f'anontrace_family_rmap_width_max{{family="{family}"}}')
+        assert max(float(d["value"][1]) for d in width) >= DEEPEN_GENERATIONS + 1, width
+        links = prom.query(f'anontrace_family_rmap_links{{family="{family}"}}')
+        assert max(float(d["value"][1]) for d in links) >= \
+            4 * (DEEPEN_GENERATIONS + 1) * (DEEPEN_GENERATIONS + 2) // 2, links
         _every_dashboard_query(prom, family)
         _every_rule_expression(prom, serve)
     finally:

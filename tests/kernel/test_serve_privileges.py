@@ -72,8 +72,8 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
     notify.bind("\0" + name)
     notify.settimeout(30)
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-    srv = Serve(tmp_path, "maps:\n  anon_vmas: 1024\nselection:\n  comm: '^nothing$'\n",
-                ("--user", "nobody"))
+    srv = Serve(tmp_path, "maps:\n  anon_vmas: 1024\nselection:\n  comm: '^nothing$'\n"
+                "rmap_interval: 1s\n", ("--user", "nobody"))
     holder = None
     try:
         assert notify.recv(64) == b"READY=1"
@@ -86,6 +86,11 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
         assert st["NoNewPrivs"] == "1"
         assert "privileges dropped" in srv.output() and "user=nobody" in srv.output()
         assert _value(srv.metrics(), "process_open_fds") > 0   # its own /proc still readable
+        # The rmap census keeps running as nobody with CAP_BPF alone.
+        first = _value(srv.metrics(), "anontrace_rmap_census_timestamp_seconds")
+        time.sleep(2.5)
+        assert _value(srv.metrics(), "anontrace_rmap_census_timestamp_seconds") > first
+        assert "rmap census failed" not in srv.output(), srv.output()
 
         # Overflow the anon_vma map: the count and, once the losses stop, a
         # census rebuild, all as nobody.

@@ -61,7 +61,7 @@ def test_example_config_sets_every_key_but_selection() -> None:
     text = EXAMPLE.read_text()
     top = {ln.split(":")[0] for ln in text.splitlines() if ln and ln[0].isalpha()}
     assert top == {"listen", "backend", "top_k", "exited_expiry", "growth", "maps",
-                   "runbook_base_url"}
+                   "runbook_base_url", "rmap_interval"}
     for key in ("window", "for", "min_depth_increase", "min_family_anon_vmas_increase",
                 "min_orphaned_increase", "min_host_anon_vmas_increase",
                 "vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families"):
@@ -263,7 +263,8 @@ def test_parse_listen_rejects(value: str, fragment: str) -> None:
 
 # --- errors name the file, the line and the key ---------------------------------
 
-KNOWN_TOP = "backend, exited_expiry, growth, listen, maps, runbook_base_url, selection, top_k"
+KNOWN_TOP = ("backend, exited_expiry, growth, listen, maps, rmap_interval, runbook_base_url, "
+             "selection, top_k")
 
 ERRORS = [
     # (YAML, line, key path, part of the problem)

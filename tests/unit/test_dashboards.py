@@ -272,11 +272,13 @@ def test_overview_has_the_documented_panels():
     assert all("topk(" in t["expr"] for t in top["targets"])
     assert {m for t in top["targets"] for m in METRIC_RE.findall(t["expr"])} == {
         "anontrace_process_anon_vmas", "anontrace_process_anon_vma_chains",
-        "anontrace_process_max_depth", "anontrace_process_max_degree"}
+        "anontrace_process_max_depth", "anontrace_process_max_degree",
+        "anontrace_process_rmap_width_max", "anontrace_process_rmap_links"}
     fam = by_title["Top families"]
     assert {m for t in fam["targets"] for m in METRIC_RE.findall(t["expr"])} == {
         "anontrace_family_anon_vmas", "anontrace_family_orphaned_anon_vmas",
-        "anontrace_family_max_depth"}
+        "anontrace_family_max_depth", "anontrace_family_rmap_width_max",
+        "anontrace_family_rmap_links"}
     for table in (top, fam):
         # The merge joins the per-metric tables: their labels must line up.
         assert [t["id"] for t in table["transformations"]][:1] == ["merge"]
@@ -334,7 +336,7 @@ def test_panel_queries_lists_every_target_including_rows():
     titles = {title for _, title, _ in overview}
     # Probe status and Build info are nested in the collapsed "Exporter" row.
     assert {"Probe status", "Build info"} <= titles
-    assert len([q for q in overview if q[1] == "Top processes"]) == 4
+    assert len([q for q in overview if q[1] == "Top processes"]) == 6
     assert queries.DASHBOARDS == PATHS
 
 

@@ -68,14 +68,20 @@ def format_table(report: dict[str, Any]) -> str:
              f"lost={report['lost_events']} partial={'yes' if report['partial'] else 'no'}",
              f"totals: anon_vmas={t['anon_vmas']} anon_vma_chains={t['anon_vma_chains']} "
              f"orphaned_anon_vmas={t['orphaned_anon_vmas']}",
-             f"{'PID':>7} {'PPID':>7} {'COMM':<22} {'ALIVE':<5} {'AVS':>5} {'CHAINS':>6} "
-             f"{'DEPTH':>5} {'DEGREE':>6} {'CHAIN':>5}"]
+             f"{'PID':>7} {'PPID':>7} {'COMM':<17} {'ALIVE':<5} {'AVS':>5} {'CHAINS':>6} "
+             f"{'DEPTH':>5} {'DEGREE':>6} {'CHAIN':>5} {'RMAP':>5}"]
+    rmap = report.get("rmap")
+    if rmap and rmap.get("available"):
+        lines.insert(2, f"rmap width: max {rmap['max_width']} total {rmap['total_width']} "
+                        f"(peak {rmap['peak_max_width']}; census {rmap['seconds'] * 1000:.0f} ms)")
     for level, r in _tree_order(report["processes"]):
         indent = min(level, 8)
-        comm = (" " * indent + ("`-" if level else "") + safe_comm(r["comm"]))[:22]
-        lines.append(f"{r['pid']:>7} {r['ppid']:>7} {comm:<22} {'yes' if r['alive'] else 'no':<5} "
+        comm = (" " * indent + ("`-" if level else "") + safe_comm(r["comm"]))[:17]
+        width = r.get("rmap_max_width")
+        lines.append(f"{r['pid']:>7} {r['ppid']:>7} {comm:<17} {'yes' if r['alive'] else 'no':<5} "
                      f"{r['anon_vmas']:>5} {r['anon_vma_chains']:>6} {r['max_depth']:>5} "
-                     f"{r['max_degree']:>6} {r['max_chain']:>5}")
+                     f"{r['max_degree']:>6} {r['max_chain']:>5} "
+                     f"{'-' if width is None else width:>5}")
     for reason in report.get("partial_reasons", []):
         lines.extend(textwrap.wrap(f"partial: {reason}", 79, subsequent_indent="  "))
     return "\n".join(lines)

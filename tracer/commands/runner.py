@@ -5,17 +5,19 @@ makes the same reports as the run that recorded it.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tracer.commands.report import build_report
+from tracer.commands.rmap_report import RmapMeter
 from tracer.commands.state_report import StateReporter
 from tracer.errors import AnontraceError
 from tracer.format.events import Event, decode_many, lost_total
@@ -56,6 +58,9 @@ class RunSpec:
     # "events" (every operation streamed to the Python model; recordings
     # always stream, and may keep the maps too).
     source: str = "state"
+    # Rmap widths in the reports (state reports only: a replay could not
+    # make them again).
+    rmap: bool = True
     on_start: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -156,12 +161,14 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
             if from_state and session.uses_state:
                 census_missing = session.state_census() if spec.pids else None
                 reporter = StateReporter(backend, processes, census_missing)
-                spec.on_start(backend)
-                if go_fd is not None:
-                    os.write(go_fd, b"go\n")
-                    os.close(go_fd)
-                    go_fd = None
-                return _state_loop(spec, session, reporter, proc, emit)
+                with _rmap_meter(spec, session) as meter:
+                    spec.on_start(backend)
+                    if go_fd is not None:
+                        os.write(go_fd, b"go\n")
+                        os.close(go_fd)
+                        go_fd = None
+                    return _state_loop(spec, session, reporter, proc,
+                                       _measured(meter, emit))
             census_raw, census_missing = b"", None
             if spec.pids:
                 census_raw, census_missing = session.census(spec.pids)
@@ -191,6 +198,38 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
         if writer is not None:
             writer.close()
     return status
+
+
+@contextlib.contextmanager
+def _rmap_meter(spec: RunSpec, session: Any) -> Iterator[RmapMeter | None]:
+    """An rmap census for the run's reports, released at its end; None
+    with --no-rmap. A kernel that will not run it leaves a note in the
+    reports, not an error."""
+    if not spec.rmap:
+        yield None
+        return
+    from tracer.kernel.rmap_census import RmapCensus
+
+    census = RmapCensus(facts=session.facts)
+    try:
+        census.open()
+    except AnontraceError as exc:
+        yield RmapMeter(None, str(exc))
+        return
+    try:
+        yield RmapMeter(census)
+    finally:
+        census.close()
+
+
+def _measured(meter: RmapMeter | None, emit: Emit) -> Emit:
+    if meter is None:
+        return emit
+
+    def emit_measured(report: dict[str, Any]) -> None:
+        meter.annotate(report)
+        emit(report)
+    return emit_measured
 
 
 def _loop(spec: RunSpec, session: Any, tracker: Tracker,

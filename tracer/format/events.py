@@ -178,12 +178,18 @@ def comm_text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def safe_text(text: str) -> str:
+    """Untrusted text (a file name from /proc/PID/maps, a process name) fit
+    for a terminal, a log line or a label value: every non-printable
+    character (controls, line separators, format characters) becomes "?".
+    Such text must never drive a terminal or break a format."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def safe_comm(comm: str) -> str:
-    """A process name fit for a terminal, a log line or a label value: every
-    non-printable character (controls, line separators, format characters)
-    becomes "?", and it is cut to the kernel's 16 bytes' worth. Process names
-    are untrusted: they must never drive a terminal or break a format."""
-    return "".join(c if c.isprintable() else "?" for c in comm[:16])
+    """A process name made safe (:func:`safe_text`) and cut to the kernel's
+    16 bytes' worth."""
+    return safe_text(comm[:16])
 
 
 def _comm(raw: bytes) -> str:

@@ -174,6 +174,22 @@ def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
         first = False
 
 
+def delete_keys(table: Any, keys: list[int]) -> None:
+    """Delete these keys (unsigned ints) from a hash map: BPF_MAP_DELETE_BATCH
+    (compat: lookup_batch, same series) in chunks, one by one where the
+    kernel has no batch ops or a key went meanwhile."""
+    for i in range(0, len(keys), _DUMP_CHUNK):
+        chunk = keys[i:i + _DUMP_CHUNK]
+        try:
+            table.items_delete_batch((table.Key * len(chunk))(*chunk))
+            continue
+        except Exception:  # BCC raises bare Exception; ENOENT stops a batch midway
+            pass
+        for key in chunk:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(key)]
+
+
 def lookup_raw(table: Any, key: Any) -> bytes | None:
     """One entry's raw value, or None if it is gone."""
     try:

@@ -29,6 +29,7 @@ def _bpf_dir() -> Path:
 BPF_DIR = _bpf_dir()
 MAIN_PROGRAM = BPF_DIR / "anontrace.bpf.c"
 CENSUS_PROGRAM = BPF_DIR / "census.bpf.c"
+RMAP_PROGRAM = BPF_DIR / "rmap.bpf.c"
 
 
 @dataclass(frozen=True)
@@ -138,5 +139,28 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front,
         # where tracing programs may use such maps (compat: no_prealloc_tracing).
         d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
+    return ([f"-I{BPF_DIR}"] +
+            [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])
+
+
+@dataclass(frozen=True)
+class RmapOptions:
+    """Knobs of rmap.bpf.c (the rmap census)."""
+
+    anon_vmas: int = 1_048_576   # live anon_vmas on the host it can count
+    mms: int = 65_536            # address spaces
+    targets: int = 65_536        # processes whose chains are written out
+    max_chain: int = 256         # chain entries walked per VMA (the verifier's budget)
+    prealloc: bool = True        # preallocate (compat: no_prealloc_tracing)
+
+
+def rmap_cflags(layout: KernelLayout, opts: RmapOptions) -> list[str]:
+    """Every substitution into rmap.bpf.c, as -D flags."""
+    d: dict[str, int | str | None] = dict(layout.defines())
+    d["RMAP_AV_MAX"] = opts.anon_vmas
+    d["RMAP_MM_MAX"] = opts.mms
+    d["CENSUS_MAX"] = opts.targets
+    d["MAX_CHAIN"] = opts.max_chain
+    d["RMAP_MAP_FLAGS"] = 0 if opts.prealloc else 1   # BPF_F_NO_PREALLOC
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])

@@ -83,7 +83,8 @@ CHANGES: tuple[KernelChange, ...] = (
         "BTF: anon_vma_clone() has a third parameter (enum vma_operation)",
         "anon_vma_fork() allocates its anon_vma and chain entry before cloning and frees "
         "both when the clone reused an ancestor: a fork-site allocation is no proof of a "
-        "new level"),
+        "new level; a VMA's chain list is no longer newest first (`tree` orders it by "
+        "depth)"),
     KernelChange(
         "lookup_batch", "cb4d03ab499d",
         "bpf: Add generic support for lookup batch op", "v5.6",
