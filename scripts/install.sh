@@ -25,7 +25,7 @@ apt_pkgs=(python3 python3-venv python3-pip python3-bpfcc bpftool linux-headers-a
 if [ "$want_test" = 1 ]; then
     apt_pkgs+=(gcc libc6-dev make linux-image-amd64 linux-image-6.12-amd64
                linux-headers-6.12-amd64 qemu-system-x86 busybox-static prometheus
-               bpftrace man-db groff-base
+               bpftrace man-db groff-base tmux
                podman runc mmdebstrap python3-setuptools python3-wheel)
 fi
 missing=()
