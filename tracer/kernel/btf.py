@@ -56,10 +56,13 @@ class Btf:
         self._structs: dict[str, dict[str, Any]] = {}
         self._funcs: dict[str, dict[str, Any]] = {}
         self._typedefs: dict[str, dict[str, Any]] = {}
+        self._enums: dict[str, dict[str, Any]] = {}
         for t in types:
             name, kind = t.get("name"), t.get("kind")
             if not name or name == "(anon)":
                 continue
+            if kind in ("ENUM", "ENUM64") and t.get("vlen", 0):
+                self._enums[name] = t
             # Forward declarations have no members; keep the full definition.
             if kind in ("STRUCT", "UNION") and (name not in self._structs or t.get("vlen", 0)):
                 self._structs[name] = t
@@ -80,7 +83,8 @@ class Btf:
         return cls(data["types"])
 
     def subset(self, struct_names: Iterable[str], func_names: Iterable[str] = (),
-               typedef_names: Iterable[str] = ()) -> list[dict[str, Any]]:
+               typedef_names: Iterable[str] = (),
+               enum_names: Iterable[str] = ()) -> list[dict[str, Any]]:
         """The types needed to answer questions about the given names.
 
         Used to record small fixtures from real kernels.
@@ -117,6 +121,9 @@ class Btf:
         for n in typedef_names:
             if n in self._typedefs:
                 visit(self._typedefs[n]["id"], 0)
+        for n in enum_names:
+            if n in self._enums:
+                visit(self._enums[n]["id"], 0)
         return sorted(keep.values(), key=lambda t: t["id"])
 
     # -- structs -------------------------------------------------------
@@ -200,6 +207,18 @@ class Btf:
             word = {"STRUCT": "struct", "UNION": "union"}.get(kind, "enum")
             return f"{word} {t.get('name', '(anon)')}"
         return str(t.get("name", kind))
+
+    # -- enums ---------------------------------------------------------
+    def enum_value(self, enum: str, name: str) -> int:
+        """The value of enumerator ``name`` of ``enum`` (e.g. ``PG_head`` of
+        ``enum pageflags``, whose numbering depends on the kernel's config)."""
+        t = self._enums.get(enum)
+        if t is None:
+            raise BtfError(f"enum {enum} is not in this kernel's BTF")
+        for v in t.get("values", []):
+            if v.get("name") == name:
+                return int(v["val"])
+        raise BtfError(f"enum {enum} has no {name!r} in this kernel's BTF")
 
     # -- functions -----------------------------------------------------
     def has_func(self, name: str) -> bool:

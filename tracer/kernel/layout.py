@@ -87,3 +87,73 @@ def read_layout(btf: Btf) -> KernelLayout:
         # perf-style tracepoint reports as bytes_alloc).
         offsets["KMEM_CACHE_SIZE"] = btf.member("kmem_cache", "size").offset
     return KernelLayout(offsets, sizes, counters)
+
+
+# ---------------------------------------------------------------- rmap walks
+# Members bpf_programs/rmapwalk.bpf.c reads (macro suffix, struct, member).
+# The folio's first members overlay struct page, so where a kernel has no
+# struct folio the same names are read from struct page.
+_WALK_MEMBERS: tuple[tuple[str, str, str], ...] = (
+    ("AV_ROOT", "anon_vma", "root"),
+    ("AVC_VMA", "anon_vma_chain", "vma"),
+    ("VMA_ANON_VMA", "vm_area_struct", "anon_vma"),
+    ("VMA_MM", "vm_area_struct", "vm_mm"),
+    ("TASK_TGID", "task_struct", "tgid"),
+    ("TASK_COMM", "task_struct", "comm"),
+)
+
+
+@dataclass(frozen=True)
+class WalkLayout:
+    """Offsets (bytes) and constants the rmap-walk program needs.
+
+    ``large_mapcount`` says whether a large folio's mapcount can be read
+    as one number; ``owner`` whether ``mm_struct.owner`` exists (it names
+    the process behind a root anon_vma).
+    """
+
+    offsets: dict[str, int]
+    pg_head: int
+    large_mapcount: bool
+    owner: bool
+
+    def defines(self) -> dict[str, int | None]:
+        """The -D macros these offsets become."""
+        out: dict[str, int | None] = {f"OFF_{k}": v for k, v in self.offsets.items()}
+        out["PG_HEAD"] = self.pg_head
+        if self.large_mapcount:
+            out["HAVE_LARGE_MAPCOUNT"] = None
+        if self.owner:
+            out["HAVE_MM_OWNER"] = None
+        return out
+
+
+def _four_bytes(btf: Btf, struct: str, member: str) -> int:
+    m = btf.member(struct, member)
+    if m.size != 4:
+        raise BtfError(f"{struct}.{member} is {m.size} bytes, not an atomic_t")
+    return m.offset
+
+
+def read_walk_layout(btf: Btf) -> WalkLayout:
+    """Resolve what the rmap-walk program reads; BtfError names the first
+    missing member."""
+    offsets = {key: btf.member(struct, member).offset for key, struct, member in _WALK_MEMBERS}
+    if btf.member("task_struct", "tgid").size != 4:
+        raise BtfError("task_struct.tgid is not 4 bytes")
+    page = "folio" if btf.has_struct("folio") else "page"
+    offsets["FOLIO_FLAGS"] = btf.member(page, "flags").offset
+    offsets["FOLIO_MAPPING"] = btf.member(page, "mapping").offset
+    offsets["FOLIO_MAPCOUNT"] = _four_bytes(btf, page, "_mapcount")
+    # Commit 05c5323b2a34 ("mm: track mapcount of large folios in single
+    # value") added folio->_large_mapcount: the mappings of every page of a
+    # large folio in one counter. Before it no single member holds that
+    # number, so large folios' walks are counted as not measured.
+    large = page == "folio" and btf.has_member("folio", "_large_mapcount")
+    if large:
+        offsets["FOLIO_LARGE_MAPCOUNT"] = _four_bytes(btf, "folio", "_large_mapcount")
+    # mm->owner exists with CONFIG_MEMCG only.
+    owner = btf.has_member("mm_struct", "owner")
+    if owner:
+        offsets["MM_OWNER"] = btf.member("mm_struct", "owner").offset
+    return WalkLayout(offsets, btf.enum_value("pageflags", "PG_head"), large, owner)
