@@ -45,6 +45,7 @@ def examples(help_text: str) -> list[str]:
     (["events", "--help"], "events"),
     (["serve", "--help"], "serve"),
     (["rules", "--help"], "rules"),
+    (["tree", "--help"], "tree"),
 ])
 def test_help_has_examples(args: list[str], subcommand: str | None) -> None:
     result = CliRunner().invoke(main, args, prog_name="anontrace")

@@ -33,7 +33,8 @@ def test_bpf_sources_and_man_page_are_shipped() -> None:
     assert cfg["options.package_data"]["tracer.bpf"].strip() == "*.c, *.h"
     assert cfg["options.data_files"]["share/man/man8"].strip() == "docs/anontrace.8"
     assert {p.name for p in (ROOT / "bpf_programs").glob("*.[ch]")} == {
-        "anontrace.bpf.c", "anontrace_common.h", "anontrace_compat.h", "census.bpf.c"}
+        "anontrace.bpf.c", "anontrace_common.h", "anontrace_compat.h", "census.bpf.c",
+        "rmap.bpf.c", "rmapwalk.bpf.c"}
 
 
 def test_shipped_shell_completion_is_what_click_generates() -> None:

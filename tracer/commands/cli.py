@@ -14,8 +14,10 @@ import click
 
 from exporters.config import DEFAULT_PORT
 from tracer import __version__
+from tracer.commands.top import SORT_KEYS
 from tracer.errors import AnontraceError
 from tracer.kernel.kernel_env import KernelEnv
+from tracer.model.reuse import RULES as REUSE_RULES
 
 COMMAND_KEY = "anontrace.command"
 
@@ -91,7 +93,7 @@ def _trace_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval: float,
          duration: float, as_json: bool, backend: str, transport: str,
-         record: Path | None = None, quiet: bool = False) -> None:
+         record: Path | None = None, quiet: bool = False, rmap: bool = True) -> None:
     from tracer.commands.runner import RunSpec, run_live
 
     command = ctx.meta.get(COMMAND_KEY, ())
@@ -103,7 +105,7 @@ def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
     verb = "Recording" if record else "Tracing"
     spec = RunSpec(pids=pids, command=command, follow_children=not no_children,
                    interval=interval, duration=duration, backend=backend, transport=transport,
-                   record=record,
+                   record=record, rmap=rmap,
                    on_start=lambda b: click.echo(f"Backend: {b}.\n{verb}... Hit Ctrl-C to end.",
                                                  err=True))
     emit = (lambda report: None) if quiet else _emitter(as_json)
@@ -119,10 +121,12 @@ def _run(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
 @click.group(cls=_Group, invoke_without_command=True, subcommand_metavar="[SUBCOMMAND [ARGS]...]",
              context_settings={"help_option_names": ["-h", "--help"]})
 @_trace_options
+@click.option("--no-rmap", is_flag=True,
+              help="Do not measure rmap widths (a walk of every VMA on the host per report).")
 @click.version_option(__version__, prog_name="anontrace")
 @click.pass_context
 def main(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval: float,
-         duration: float, as_json: bool, backend: str, transport: str) -> None:
+         duration: float, as_json: bool, backend: str, transport: str, no_rmap: bool) -> None:
     """Trace the kernel's anon_vma lifecycle with eBPF.
 
     Without a subcommand, trace -p PIDs (and their descendants) or run
@@ -137,7 +141,8 @@ def main(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
       anontrace record -o run.atr -- ./app && anontrace replay run.atr
     """
     if ctx.invoked_subcommand is None:
-        _run(ctx, pids, no_children, interval, duration, as_json, backend, transport)
+        _run(ctx, pids, no_children, interval, duration, as_json, backend, transport,
+             rmap=not no_rmap)
 
 
 @main.command()
@@ -167,6 +172,35 @@ def check(as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
     if report["backend"] is None:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("pids", metavar="PID...", type=int, nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per PID, one per line.")
+def tree(pids: tuple[int, ...], as_json: bool) -> None:
+    """Show each PID's anon_vma hierarchy now: its anonymous VMAs, each
+    VMA's chain up to the root, and for each anon_vma its owner, depth,
+    children and rmap width (the VMAs an rmap walk of its pages may visit).
+
+    Reads what the kernel holds (a BPF iterator over every VMA on the host);
+    traces nothing, so it works on any running process.
+
+    \b
+    Examples:
+      sudo anontrace tree 1234
+      sudo anontrace tree --json $(pgrep -d' ' postgres)
+    """
+    from tracer.commands.tree import format_tree, run_tree
+
+    try:
+        trees = run_tree(pids)
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        for t in trees:
+            click.echo(json.dumps(t, separators=(",", ":")))
+    else:
+        click.echo("\n\n".join(format_tree(t) for t in trees))
 
 
 @main.command()
@@ -246,15 +280,47 @@ def record(ctx: click.Context, output: Path, pids: tuple[int, ...], no_children:
 @main.command()
 @click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per report.")
-def replay(recording: Path, as_json: bool) -> None:
+@click.option("--reuse", "reuse", type=click.Choice(REUSE_RULES), multiple=True,
+              help="Replay the forks under this anon_vma reuse rule instead "
+                   "(repeatable: rules side by side).")
+def replay(recording: Path, as_json: bool, reuse: tuple[str, ...]) -> None:
     """Print the reports of a recording, as the live run printed them.
 
     Needs neither root nor BCC.
 
+    With --reuse, replay the recording's forks, clones and unlinks under
+    anon_vma reuse rules instead and print, at each report point, what each
+    rule gives (live anon_vmas, chain entries, depth, rmap widths) beside
+    the recorded figures. RECORDING may then also be an event stream (JSON
+    lines, as tests/fixtures/*/events-*.jsonl), reported after each process
+    fork, exec and exit. The rules:
+
     \b
-    Example:
+      kernel        the kernel's (commit 7a3ef208e662 on): a forked VMA
+                    reuses the first anon_vma of its chain (oldest first,
+                    never the root) that no VMA points at and that has fewer
+                    than two children; checked against the recording
+                    (DIVERGED: forks where the kernel chose otherwise,
+                    followed as recorded)
+      none          no reuse, as before that commit: a new anon_vma per
+                    forked VMA
+      single-child  reuse the first anon_vma of the chain (never the root)
+                    with fewer than two children even while VMAs point at
+                    it: fewer anon_vmas, wider rmap walks (RMAP_MEAN)
+
+    \b
+    Examples:
       anontrace replay build.atr --json
+      anontrace replay --reuse kernel --reuse none repro.atr
     """
+    if reuse:
+        from tracer.commands.whatif import render, run_reuse_replay
+
+        try:
+            run_reuse_replay(recording, reuse, lambda r: click.echo(render(r, as_json)))
+        except AnontraceError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
     from tracer.commands.runner import run_replay
 
     try:
@@ -393,6 +459,81 @@ def rules(config_path: Path | None, fmt: str, runbook_base: str | None) -> None:
     else:
         text = render_rules(cfg.growth, runbook_base=base)
     click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("interval", type=click.FloatRange(min=0.1), default=1.0, required=False)
+@click.argument("count", type=click.IntRange(min=1), required=False)
+@click.option("-C", "--noclear", is_flag=True,
+              help="Don't clear the screen: print a table every interval (what a pipe gets).")
+@click.option("-r", "--maxrows", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rows to show at most.")
+@click.option("-s", "--sort", type=click.Choice(SORT_KEYS), default="anon_vmas",
+              show_default=True, help="Sort key (families: anon_vmas, depth or growth).")
+@click.option("--families", is_flag=True,
+              help="Start with families (the anon_vmas below the roots one process made).")
+@click.option("--no-rmap", is_flag=True,
+              help="Do not measure rmap widths (a walk of every VMA on the host per refresh).")
+@click.option("--backend", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              default="auto", show_default=True, help="Force a probe method.")
+def top(interval: float, count: int | None, noclear: bool, maxrows: int, sort: str,
+        families: bool, no_rmap: bool, backend: str) -> None:
+    """Live view of the processes with the most anon_vmas, system-wide.
+
+    Refreshes every INTERVAL seconds (default 1), COUNT times (default:
+    until q or Ctrl-C). On a terminal, keys: q quit, s/S (or >/<) next or
+    previous sort key, f processes/families, r reverse the order. Into a
+    pipe (or with -C): one plain table per interval.
+
+    \b
+    Examples:
+      sudo anontrace top                  # refresh every second until q
+      sudo anontrace top -s depth 5       # deepest hierarchies first, every 5 s
+      sudo anontrace top --families 1 10 | less   # ten tables of families
+    """
+    from tracer.commands.top_live import TopOptions, run_top
+
+    _sigterm_to_interrupt()
+    try:
+        sys.exit(run_top(TopOptions(interval=interval, count=count, noclear=noclear,
+                                    maxrows=maxrows, sort=sort, families=families,
+                                    rmap=not no_rmap, backend=backend),
+                         lambda msg: click.echo(msg, err=True)))
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("-d", "--duration", type=float, default=10.0, show_default=True,
+              help="Seconds to measure (0: until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--top", type=int, default=20, show_default=True,
+              help="Families shown, most VMAs visited first (0: all).")
+@click.option("--method", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto",
+              show_default=True, help="Force an attach method.")
+def rmapwalk(duration: float, as_json: bool, top: int, method: str) -> None:
+    """Measure the kernel's rmap walks of anonymous pages (false aliasing).
+
+    Per family (root anon_vma): walks, VMAs the walks visited, VMAs that
+    mapped the page, their ratio and its histogram. Needs fentry or kprobes.
+
+    \b
+    Examples:
+      sudo anontrace rmapwalk -d 30          # 30 s, the 20 widest families
+      sudo anontrace rmapwalk --json --top 0
+    """
+    from tracer.commands.rmapwalk_report import format_table, measure, to_json
+
+    if duration < 0 or top < 0:
+        raise click.UsageError("--duration and --top take values >= 0")
+    _sigterm_to_interrupt()
+    try:
+        run = measure(duration, method, lambda m: click.echo(
+            f"Measuring rmap walks with {m}" + (f" for {duration:g} s" if duration else
+                                                 "... Hit Ctrl-C to end") + ".", err=True))
+    except AnontraceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(to_json(run, top)) if as_json else format_table(run, top))
 
 
 if __name__ == "__main__":
