@@ -1,12 +1,13 @@
 """Run the forkchain workload under a TraceSession and keep what was seen."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,30 @@ def _readline(proc: subprocess.Popen[bytes], timeout: float) -> dict:
     if not line:
         raise EOFError("workload exited early")
     return json.loads(line)
+
+
+@contextlib.contextmanager
+def idle_family(binary: Path, regions: int, generations: int) -> Iterator[dict[int, dict]]:
+    """forkchain REGIONS GENERATIONS, untraced, built and left idle for the
+    block: generation -> its "gen" message (pid, region starts)."""
+    proc = subprocess.Popen([str(binary), str(regions), str(generations)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdin is not None
+    try:
+        _readline(proc, 30)
+        proc.stdin.write(b"g")
+        proc.stdin.flush()
+        gens: dict[int, dict] = {}
+        ready = False
+        while not (ready and len(gens) == generations + 1):
+            msg = _readline(proc, 60)
+            if msg["event"] == "gen":
+                gens[msg["gen"]] = msg
+            ready = ready or msg["event"] == "ready"
+        yield gens
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def run_family(binary: Path, backend: str, regions: int, generations: int,

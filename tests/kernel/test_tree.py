@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.family import _readline
+from tests.kernel.family import idle_family
 
 ROOT = Path(__file__).resolve().parents[2]
 REGIONS = 2
@@ -36,25 +36,8 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 def family(forkchain_bin, backend):
     if backend == "tracepoint":
         pytest.skip("the rmap census traces nothing: it runs in the auto pass, not tracepoint")
-    proc = subprocess.Popen([str(forkchain_bin), str(REGIONS), str(GENERATIONS)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    try:
-        assert proc.stdin is not None
-        _readline(proc, 30)
-        proc.stdin.write(b"g")
-        proc.stdin.flush()
-        gens: dict[int, dict] = {}
-        ready = False
-        while not (ready and len(gens) == GENERATIONS + 1):
-            msg = _readline(proc, 60)
-            if msg["event"] == "gen":
-                gens[msg["gen"]] = msg
-            ready = ready or msg["event"] == "ready"
+    with idle_family(forkchain_bin, REGIONS, GENERATIONS) as gens:
         yield gens
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

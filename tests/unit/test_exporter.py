@@ -3,8 +3,6 @@ kernels (forkchain: 2 regions, 3 generations, all alive until teardown)."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.metrics_spec import METRICS, PROBES, sample_names
@@ -12,6 +10,7 @@ from exporters.prometheus import AnontraceCollector, ExportState, ProbeStatus, d
 from exporters.view import TopView
 from tests.unit import kfix
 from tests.unit.model_streams import FAMILY_STREAMS, ev, first_teardown, model_stream
+from tests.unit.scrape import scrape
 from tracer.format.events import Kind, safe_comm
 from tracer.model.hierarchy import Model
 
@@ -23,14 +22,6 @@ def _alive_model(series: str, backend: str) -> tuple[Model, dict]:
     return m, kfix.events_meta(series, backend)
 
 
-def _scrape(state: ExportState) -> dict[str, list[tuple[dict[str, str], float]]]:
-    reg = CollectorRegistry()
-    AnontraceCollector(lambda: state, registry=reg)
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
 
 
 @pytest.mark.parametrize("series,backend", FAMILY_STREAMS)
@@ -94,7 +85,7 @@ def test_hostile_comm_labels() -> None:
     m.apply(ev(Kind.PAGE_SET_ANON_RMAP, tgid=42, mm=mm, cur_mm=mm, vma=mm + 8, anon_vma=mm + 16,
                root=mm + 16, parent=mm + 16, depth=1, chain_len=1, comm='"}\n{x="1'))
     snap = TopView(top_k=3, expiry_s=1).snapshot(m, now=0.0)
-    got = _scrape(ExportState(snapshot=snap))
+    got = scrape(ExportState(snapshot=snap))
     [(labels, value)] = got["anontrace_process_anon_vmas"]
     assert labels == {"pid": "42", "comm": '"}?{x="1'} and value == 1
 
@@ -111,7 +102,7 @@ def test_collector_describe_and_names() -> None:
                         lost_events=2, build={"version": "1", "kernel": "k", "backend": "b",
                                               "transport": "t"},
                         probes=[ProbeStatus(p, "f", "fentry", p != PROBES[-1]) for p in PROBES])
-    got = _scrape(state)
+    got = scrape(state)
     assert set(got) <= sample_names()
     assert dict((lab["probe"], v) for lab, v in got["anontrace_events_total"]) == {
         "anon_vma_fork": 3, "anon_vma_clone": 0, "unlink_anon_vmas": 0, "page_set_anon_rmap": 0}

@@ -9,13 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 
 from exporters.config import ConfigError, parse_config
-from exporters.prometheus import AnontraceCollector, ExportState
+from exporters.prometheus import ExportState
 from exporters.view import FamilyRow, ProcessRow, Snapshot
+from tests.unit.scrape import scrape
 from tracer.commands.rmap_report import RmapMeter
 from tracer.commands.tree import build_tree, format_tree, vma_names
 from tracer.errors import AnontraceError
@@ -188,14 +186,6 @@ def test_incomplete_census_makes_the_report_partial(recorded) -> None:
     assert report["partial"] and "3 chains cut short" in report["partial_reasons"][0]
 
 
-def _scrape(state: ExportState) -> dict[str, list[tuple[dict[str, str], float]]]:
-    reg = CollectorRegistry()
-    AnontraceCollector(lambda: state, registry=reg)
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
 
 
 def test_exporter_rmap_series(recorded) -> None:
@@ -203,7 +193,7 @@ def test_exporter_rmap_series(recorded) -> None:
     rows = [ProcessRow(7, "a", 3, 6, 2, 1, True, 5, 9),
             ProcessRow(8, "b", 2, 2, 1, 0, True)]          # not in the last census
     fams = [FamilyRow("7", "a", 3, 0, 2, 5, 9)]
-    got = _scrape(ExportState(snapshot=Snapshot(processes=rows, families=fams, rmap=snap,
+    got = scrape(ExportState(snapshot=Snapshot(processes=rows, families=fams, rmap=snap,
                                                 rmap_time=1700000000.0)))
     assert got["anontrace_rmap_width_max"] == [({}, snap.max_width)]
     assert got["anontrace_rmap_census_timestamp_seconds"] == [({}, 1700000000.0)]
@@ -211,7 +201,7 @@ def test_exporter_rmap_series(recorded) -> None:
     assert got["anontrace_process_rmap_links"] == [({"pid": "7", "comm": "a"}, 9)]
     assert got["anontrace_family_rmap_links"] == [({"family": "7", "comm": "a"}, 9)]
     # No census yet: no rmap series at all, not zeros.
-    none = _scrape(ExportState(snapshot=Snapshot(processes=rows[1:])))
+    none = scrape(ExportState(snapshot=Snapshot(processes=rows[1:])))
     assert "anontrace_rmap_width_max" not in none
     assert "anontrace_process_rmap_width_max" not in none
 
