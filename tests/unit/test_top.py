@@ -274,6 +274,8 @@ def test_rmap_widths_from_a_census() -> None:
            0x30: AnonVmaRmap(0x30, 0, 0x30, 5, 1, 7, 1)}
     widths = RmapWidths(FakeCensus(RmapSnapshot(anon_vmas=avs)))
     assert widths() == {7: (5, 8), 8: (1, 1)} and widths.note is None
+    # Families by the owner of their root: 0x10 and 0x20 under 7's root 0x10, 0x30 its own.
+    assert widths.families == {7: (5, 9)}
     cut = RmapWidths(FakeCensus(RmapSnapshot(anon_vmas=avs, truncated_chains=2)))
     assert cut() is not None and "undercount: 2 chains" in (cut.note or "")
     refused = RmapWidths(FakeCensus(AnontraceError("the rmap census could not run: EIO")))
@@ -292,7 +294,12 @@ def test_families_from_rows() -> None:
     assert names == {10: "parent", 99: ""}           # 99's creator was never seen
     order = {k: [x.pid for x in rank_families(f.families, k)] for k in FAMILY_SORT_KEYS}
     assert order == {"anon_vmas": [99, 10], "orphaned": [99, 10], "depth": [10, 99],
+                     "rmap": [99, 10],             # no widths: ties by anon_vmas
                      "growth": [99, 10]}           # no growth yet: ties by anon_vmas
+    wide = TopTracker("x").update(_state_of(rows, fams), 1.0, 0.0, 0,
+                                  family_widths={10: (9, 20)})
+    assert [(x.pid, x.rmap_max, x.rmap_total) for x in rank_families(wide.families, "rmap")] \
+        == [(10, 9, 20), (99, 0, 0)]
     # The creator exits; its family keeps its name.
     f = t.update(_state_of([_row(11, "kid", 3)], [FamilyState(10, 34, 2, 5)]), 3.0, 0.0, 0)
     assert [(x.pid, x.comm, x.growth) for x in f.families] == [(10, "parent", 2.0)]

@@ -18,8 +18,8 @@ from tracer.kernel.kstate import KernelState
 
 #: Process sort keys, in the order `s` cycles through them.
 SORT_KEYS = ("anon_vmas", "chains", "depth", "rmap", "growth")
-#: Family sort keys (families have no chains or rmap width, but orphans).
-FAMILY_SORT_KEYS = ("anon_vmas", "orphaned", "depth", "growth")
+#: Family sort keys (families have no chains, but orphans).
+FAMILY_SORT_KEYS = ("anon_vmas", "orphaned", "depth", "rmap", "growth")
 PROCESSES, FAMILIES = "processes", "families"
 
 #: pid -> (widest rmap walk of one of its anon_vmas, sum over them), from
@@ -53,6 +53,10 @@ class FamilyLine:
     orphaned: int
     depth: int
     growth: float | None
+    # Widest and summed rmap width of the anon_vmas under its roots (None
+    # without widths; a family whose root no live VMA points at has 0).
+    rmap_max: int | None = None
+    rmap_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,14 @@ class TopTracker:
         self._comms: dict[int, str] = {}
 
     def update(self, state: KernelState, now: float, when: float, lost: int,
-               widths: Widths | None = None, rmap_note: str | None = None) -> Frame:
+               widths: Widths | None = None, rmap_note: str | None = None,
+               family_widths: Widths | None = None) -> Frame:
         """The frame of ``state`` read at ``now`` (monotonic seconds; growth
         is per second of it) and ``when`` (wall clock, shown). ``lost``:
         events lost by the session (the state's refused inserts are added).
         ``widths``: rmap widths by pid (a process the census attributed no
-        anon_vma to has 0); None shows none."""
+        anon_vma to has 0); None shows none. ``family_widths`` the same by
+        family (the process that created the roots)."""
         dt = None if self._prev_at is None else now - self._prev_at
         live = [r for r in state.processes.values() if r.alive]
         for r in live:
@@ -126,10 +132,16 @@ class TopTracker:
                 r.pid, safe_comm(r.comm), f.anon_vmas, f.anon_vma_chains, f.max_depth,
                 None if w is None else w[0], None if w is None else w[1],
                 _rate(f.anon_vmas, self._prev_procs.get(r.pid), dt)))
-        fams = [FamilyLine(f.pid, safe_comm(self._comms.get(f.pid, "")), f.anon_vmas,
-                           f.orphaned_anon_vmas, f.max_depth,
-                           _rate(f.anon_vmas, self._prev_fams.get(f.pid), dt))
-                for f in state.families.values() if f.pid and f.anon_vmas]
+        fams = []
+        for fam in state.families.values():
+            if not (fam.pid and fam.anon_vmas):
+                continue
+            fw = family_widths.get(fam.pid, (0, 0)) if family_widths is not None else None
+            fams.append(FamilyLine(fam.pid, safe_comm(self._comms.get(fam.pid, "")),
+                                   fam.anon_vmas, fam.orphaned_anon_vmas, fam.max_depth,
+                                   _rate(fam.anon_vmas, self._prev_fams.get(fam.pid), dt),
+                                   None if fw is None else fw[0],
+                                   None if fw is None else fw[1]))
         g = state.globals
         header = Header(time=when, backend=self.backend, anon_vmas=g.anon_vmas,
                         chains=g.anon_vma_chains, orphaned=g.orphaned_anon_vmas,
@@ -170,6 +182,10 @@ def _family_value(line: FamilyLine, key: str) -> tuple[float, ...] | None:
         return (line.orphaned,)
     if key == "depth":
         return (line.depth,)
+    if key == "rmap":
+        if line.rmap_max is None:
+            return None
+        return (line.rmap_max, line.rmap_total or 0)
     if key == "growth":
         return None if line.growth is None else (line.growth,)
     raise AnontraceError(f"unknown family sort key {key!r}; choose one of "

@@ -48,16 +48,19 @@ class RmapWidths:
     def __init__(self, census: Any) -> None:
         self._census = census
         self.note: str | None = None
+        self.families: Widths | None = None   # by family, from the same run
 
     def __call__(self) -> Widths | None:
         try:
             snap = self._census.run()
         except AnontraceError as exc:
             self.note = f"rmap widths unavailable: {exc}"
+            self.families = None
             return None
         self.note = None if snap.complete else (
             f"rmap widths undercount: {snap.truncated_chains} chains cut short, "
             f"{snap.refused} anon_vmas not counted (map full)")
+        self.families = {pid: (f.max_width, f.total_width) for pid, f in snap.families.items()}
         return {pid: (f.max_width, f.total_width) for pid, f in snap.processes.items()}
 
 
@@ -142,7 +145,8 @@ class LiveSource:
             self._next_sweep = now + SWEEP_S
         widths = self._widths() if self._widths is not None else None
         note = getattr(self._widths, "note", None) or self._rmap_note
-        return tracker.update(state, now, time.time(), session.lost_total(), widths, note)
+        return tracker.update(state, now, time.time(), session.lost_total(), widths, note,
+                              getattr(self._widths, "families", None))
 
 
 def run_top(opts: TopOptions, say: Callable[[str], None]) -> int:

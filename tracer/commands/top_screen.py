@@ -53,7 +53,7 @@ def _rate(v: float | None, width: int) -> str:
 PROC_HEAD = (f"{'PID':>7} {'COMM':<{COMM_W}} {'AVS':>7} {'CHAINS':>8} {'DEPTH':>5} "
              f"{'RMAP':>5} {'RMAPSUM':>7} {'AVS/s':>8}")
 FAMILY_HEAD = (f"{'FAMILY':>7} {'COMM':<{COMM_W}} {'AVS':>7} {'ORPHANED':>8} {'DEPTH':>5} "
-               f"{'AVS/s':>8}")
+               f"{'RMAP':>5} {'RMAPSUM':>7} {'AVS/s':>8}")
 
 
 def proc_row(p: ProcLine) -> str:
@@ -65,7 +65,7 @@ def proc_row(p: ProcLine) -> str:
 def family_row(f: FamilyLine) -> str:
     """One family line of the table."""
     return (f"{f.pid:>7} {fit(f.comm, COMM_W)} {f.anon_vmas:>7} {f.orphaned:>8} {f.depth:>5} "
-            f"{_rate(f.growth, 8)}")
+            f"{_num(f.rmap_max, 5)} {_num(f.rmap_total, 7)} {_rate(f.growth, 8)}")
 
 
 def header_lines(frame: Frame, view: View) -> list[str]:
