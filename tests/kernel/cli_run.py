@@ -59,9 +59,12 @@ class CliRun:
         return {m["gen"]: m["pid"] for m in self.workload if m.get("event") == event}
 
 
-def start(args: list[str], backend: str, interval: float = 0.3) -> CliRun:
+def start(args: list[str], backend: str, interval: float = 0.3, rmap: bool = False) -> CliRun:
+    """`anontrace --json ARGS`; without ``rmap``, with --no-rmap: the rmap
+    census is a second compile (10-20 s under QEMU) that only the tests of
+    the rmap figures need (test_tree.py, test_ground_truth.py)."""
     cmd = [sys.executable, "-m", "tracer", "--json", "-i", str(interval),
-           "--backend", backend, *args]
+           "--backend", backend, *([] if rmap else ["--no-rmap"]), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, env=env,
@@ -69,11 +72,13 @@ def start(args: list[str], backend: str, interval: float = 0.3) -> CliRun:
     return CliRun(proc)
 
 
-def start_chain(forkchain_bin, regions: int, generations: int, backend: str) -> CliRun:
+def start_chain(forkchain_bin, regions: int, generations: int, backend: str,
+                rmap: bool = False) -> CliRun:
     """`anontrace --json -- forkchain REGIONS GENERATIONS touch`, released
     and waited for until every generation is forked and ready (the family
     then stays alive until the run is finished)."""
-    run = start(["--", str(forkchain_bin), str(regions), str(generations), "touch"], backend)
+    run = start(["--", str(forkchain_bin), str(regions), str(generations), "touch"], backend,
+                rmap=rmap)
     run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
     run.send(b"g")
     run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)

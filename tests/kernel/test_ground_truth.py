@@ -103,7 +103,7 @@ def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
     if not VMLINUX.exists():
         pytest.skip(f"no DWARF vmlinux for {os.uname().release} at {VMLINUX}: drgn ground "
                     "truth runs in the Debian 6.12 guest (scripts/fetch-dbg-vmlinux.sh)")
-    run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend)
+    run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend, rmap=True)
     try:
         pids = run.pids()
         args = [sys.executable, str(ROOT / "tests" / "guest" / "drgn_walk.py"),
