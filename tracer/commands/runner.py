@@ -161,12 +161,14 @@ def run_live(spec: RunSpec, emit: Emit) -> int:
             if from_state and session.uses_state:
                 census_missing = session.state_census() if spec.pids else None
                 reporter = StateReporter(backend, processes, census_missing)
+                spec.on_start(backend)
+                if go_fd is not None:
+                    os.write(go_fd, b"go\n")
+                    os.close(go_fd)
+                    go_fd = None
+                # The rmap census is compiled once the command runs: its
+                # figures are read at report time, nothing waits for it.
                 with _rmap_meter(spec, session) as meter:
-                    spec.on_start(backend)
-                    if go_fd is not None:
-                        os.write(go_fd, b"go\n")
-                        os.close(go_fd)
-                        go_fd = None
                     return _state_loop(spec, session, reporter, proc,
                                        _measured(meter, emit))
             census_raw, census_missing = b"", None
