@@ -59,6 +59,11 @@ class CliRun:
         return {m["gen"]: m["pid"] for m in self.workload if m.get("event") == event}
 
 
+#: How long a CLI run may take to compile and attach before its workload
+#: starts (QEMU TCG; seconds on a real host).
+STARTUP_S = 300.0
+
+
 def start(args: list[str], backend: str, interval: float = 0.3, rmap: bool = False) -> CliRun:
     """`anontrace --json ARGS`; without ``rmap``, with --no-rmap: the rmap
     census is a second compile (10-20 s under QEMU) that only the tests of
@@ -79,7 +84,9 @@ def start_chain(forkchain_bin, regions: int, generations: int, backend: str,
     then stays alive until the run is finished)."""
     run = start(["--", str(forkchain_bin), str(regions), str(generations), "touch"], backend,
                 rmap=rmap)
-    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
+    # Compile and attach come first: the tracepoint program takes over two
+    # minutes to compile under QEMU TCG in a busy guest.
+    run.read_until(lambda r: any(m["event"] == "start" for m in r.workload), timeout=STARTUP_S)
     run.send(b"g")
     run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload)
                    and len(r.pids()) == generations + 1)

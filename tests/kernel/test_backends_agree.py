@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.cli_run import CliRun, start, start_chain
+from tests.kernel.cli_run import STARTUP_S, CliRun, start, start_chain
 
 FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_degree", "max_chain", "events")
 REGIONS, GENERATIONS = 3, 4
@@ -64,7 +64,8 @@ def _chain(forkchain_bin, backend: str) -> dict[int, dict[str, Any]]:
 def _reproducer(reproducer_bin, backend: str) -> dict[int, dict[str, Any]]:
     run = start(["--", str(reproducer_bin), "2", str(REPRO_GENERATIONS)], backend)
     try:
-        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
+        run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload),
+                       timeout=STARTUP_S)
     finally:
         status = run.finish()
     assert status == 0, run.stderr

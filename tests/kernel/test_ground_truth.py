@@ -106,17 +106,21 @@ def test_report_fields_match_drgn(forkchain_bin, backend) -> None:
     run = start_chain(forkchain_bin, REGIONS, GENERATIONS, backend, rmap=True)
     try:
         pids = run.pids()
+        # A first report: anontrace's own rmap census is compiled by then.
+        run.read_until(lambda r: len(r.reports) >= 1)
+        # `anontrace tree` of the same paused family, as a user runs it;
+        # before drgn, so that no two of the compiles and drgn's debug info
+        # are in the 2 GB guest's memory at once.
+        tree_out = subprocess.run([sys.executable, "-m", "tracer", "tree", "--json",
+                                   *map(str, pids.values())], capture_output=True, text=True,
+                                  timeout=300, check=True, cwd=ROOT).stdout
+        trees = {t["pid"]: t for t in map(json.loads, tree_out.splitlines())}
         args = [sys.executable, str(ROOT / "tests" / "guest" / "drgn_walk.py"),
                 "--vmlinux", str(VMLINUX), "--json"]
         for pid in pids.values():
             args += ["--pid", str(pid)]
         truth = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=600,
                                           check=True).stdout)
-        # `anontrace tree` of the same paused family, as a user runs it.
-        tree_out = subprocess.run([sys.executable, "-m", "tracer", "tree", "--json",
-                                   *map(str, pids.values())], capture_output=True, text=True,
-                                  timeout=300, check=True, cwd=ROOT).stdout
-        trees = {t["pid"]: t for t in map(json.loads, tree_out.splitlines())}
         have = len(run.reports)
         run.read_until(lambda r: len(r.reports) >= have + 1)
         report = run.reports[-1]

@@ -41,10 +41,14 @@ DEEPEN_GENERATIONS = 30
 COMM = r"^(a\"b|c\\\\d|churn|forkloop|forkchain|deepen)"
 # Rules rendered with a compressed window so alerts resolve within a test:
 # the same expressions as deploy/prometheus/anontrace.rules.yml, other numbers.
+# The rmap census in serve is scheduling in user space; its kernel side (the
+# iterator) is tested on every kernel by test_tree.py. Under QEMU it would
+# cost each serve start a second compile (CI time budget): host only.
+GUEST = bool(os.environ.get("ANONTRACE_GUEST"))
 CONFIG = f"""\
 top_k: {TOP_K}
 exited_expiry: 5s
-rmap_interval: 1s
+rmap_interval: {"~" if GUEST else "1s"}
 selection:
   comm: "{COMM}"
 growth:
@@ -93,8 +97,11 @@ def test_serve_metrics_and_probes(serve: Serve, backend: str) -> None:
     anon = [v for v in _values(text, "anontrace_anon_vmas")]
     assert anon and anon[0] > 10
     # So does the rmap census: every anon_vma is in at least one VMA's chain.
-    assert _values(text, "anontrace_rmap_width_max")[0] >= 1
-    assert 0 < _values(text, "anontrace_rmap_census_duration_seconds")[0] < 5
+    if GUEST:
+        assert not _values(text, "anontrace_rmap_width_max")   # rmap_interval: ~
+    else:
+        assert _values(text, "anontrace_rmap_width_max")[0] >= 1
+        assert 0 < _values(text, "anontrace_rmap_census_duration_seconds")[0] < 5
     page = serve_page(serve)
     assert "anon_vma_fork" in page and build[0]["backend"] in page
 
