@@ -159,37 +159,29 @@ class TopTracker:
         return Frame(header, procs, fams)
 
 
-def _proc_value(line: ProcLine, key: str) -> tuple[float, ...] | None:
-    if key == "anon_vmas":
-        return (line.anon_vmas,)
-    if key == "chains":
-        return (line.chains,)
-    if key == "depth":
-        return (line.depth,)
+# Sort key -> the line attribute it ranks by ("rmap": max, then total).
+_KEY_ATTRS = {"anon_vmas": "anon_vmas", "chains": "chains", "orphaned": "orphaned",
+              "depth": "depth", "growth": "growth"}
+
+
+def _sort_value(line: ProcLine | FamilyLine, key: str, keys: tuple[str, ...],
+                what: str) -> tuple[float, ...] | None:
+    """What ``line`` ranks by under ``key`` (one of ``keys``); None when it
+    has no value (no widths, no growth yet)."""
+    if key not in keys:
+        raise AnontraceError(f"unknown {what}{key!r}; choose one of {', '.join(keys)}")
     if key == "rmap":
-        if line.rmap_max is None:
-            return None
-        return (line.rmap_max, line.rmap_total or 0)
-    if key == "growth":
-        return None if line.growth is None else (line.growth,)
-    raise AnontraceError(f"unknown sort key {key!r}; choose one of {', '.join(SORT_KEYS)}")
+        return None if line.rmap_max is None else (line.rmap_max, line.rmap_total or 0)
+    value = getattr(line, _KEY_ATTRS[key])
+    return None if value is None else (value,)
+
+
+def _proc_value(line: ProcLine, key: str) -> tuple[float, ...] | None:
+    return _sort_value(line, key, SORT_KEYS, "sort key ")
 
 
 def _family_value(line: FamilyLine, key: str) -> tuple[float, ...] | None:
-    if key == "anon_vmas":
-        return (line.anon_vmas,)
-    if key == "orphaned":
-        return (line.orphaned,)
-    if key == "depth":
-        return (line.depth,)
-    if key == "rmap":
-        if line.rmap_max is None:
-            return None
-        return (line.rmap_max, line.rmap_total or 0)
-    if key == "growth":
-        return None if line.growth is None else (line.growth,)
-    raise AnontraceError(f"unknown family sort key {key!r}; choose one of "
-                         f"{', '.join(FAMILY_SORT_KEYS)}")
+    return _sort_value(line, key, FAMILY_SORT_KEYS, "family sort key ")
 
 
 def rank_processes(lines: Sequence[ProcLine], key: str, reverse: bool = False,
