@@ -20,8 +20,12 @@ def build_workload(name: str, src_dir: Path = WORKLOADS) -> Path:
     out = BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)],
+        # Built aside and renamed: two test shards may build the same
+        # workload at once, and one may already be running the old binary.
+        tmp = out.with_name(f".{name}.{os.getpid()}")
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(src)],
                        check=True)
+        os.replace(tmp, out)
     return out
 
 
@@ -51,8 +55,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                    and (key != "passed" or r.when == "call"))
     passed, failed = kernel_reports("passed"), kernel_reports("failed") + kernel_reports("error")
     if passed or failed:
-        terminalreporter.write_line(
-            f"kernel {os.uname().release} {test_backend()}: {passed} passed, {failed} failed")
+        shard = test_shard()
+        part = f" [shard {shard[0]}/{shard[1]}]" if shard else ""
+        terminalreporter.write_line(f"kernel {os.uname().release} {test_backend()}{part}: "
+                                    f"{passed} passed, {failed} failed")
+
+
+def test_shard() -> tuple[int, int] | None:
+    """(i, n) from ANONTRACE_SHARD="i/n": this pytest runs the i-th of n
+    concurrent shards of the kernel tests (scripts/test.sh, in the guests)."""
+    raw = os.environ.get("ANONTRACE_SHARD")
+    if not raw:
+        return None
+    i, _, n = raw.partition("/")
+    shard = (int(i), int(n))
+    if not 1 <= shard[0] <= shard[1]:
+        raise ValueError(f"ANONTRACE_SHARD={raw!r}: want i/n with 1 <= i <= n")
+    return shard
 
 
 @pytest.fixture(scope="session")

@@ -118,8 +118,13 @@ def find_vng() -> str:
     )
 
 
-def vng_command(kernel: str, command: str, memory: str = "2G", cpus: int = 2) -> list[str]:
-    """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo."""
+def vng_command(kernel: str, command: str, memory: str = "4G", cpus: int = 2) -> list[str]:
+    """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo.
+
+    Two vCPUs (TCG runs each on a host thread) and 4 GB: scripts/test.sh
+    runs two shards of the kernel tests at once in a guest, so two BCC
+    compiles and drgn's debug info may be resident together, and /tmp is
+    the guest's tmpfs."""
     # virtme-ng-init mounts an empty tmpfs over /var/cache, hiding the cache.
     cache = ["--rodir", CACHE_DIR] if os.path.isdir(CACHE_DIR) else []
     script = f"{_PRELUDE}cd {shlex.quote(str(REPO))} && exec /bin/bash -c {shlex.quote(command)}"

@@ -44,6 +44,31 @@ def bpf_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out or "[]")}
 
 
+def held_prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs process ``pid`` holds a descriptor of, from
+    its fdinfo: the kernel's word on which programs are that process's, also
+    while other tests load their own (bpftool lists no owners on every host)."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue    # closed meanwhile
+        ids.update(int(ln.split()[1]) for ln in text.splitlines()
+                   if ln.startswith("prog_id:"))
+    return ids
+
+
+def assert_released(ids: set[int], what: str, timeout: float = 20) -> None:
+    """The programs ``ids`` are gone: the kernel frees a program after its
+    last descriptor closes, asynchronously, so this waits up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while ids & bpf_prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = ids & bpf_prog_ids()
+    assert not left, f"BPF programs left loaded {what}: {sorted(left)}"
+
+
 class Serve:
     """`anontrace serve` as a subprocess."""
 
@@ -57,7 +82,6 @@ class Serve:
         self.config = workdir / "anontrace.yaml"
         self.config.write_text(config_text)
         self.log = open(workdir / "serve.log", "w+b")
-        self.progs_before = bpf_prog_ids()
         self.context, self.auth = context, auth
         self.proc = subprocess.Popen(
             ANONTRACE + ["serve", "--config", str(self.config), "--listen",
@@ -81,6 +105,10 @@ class Serve:
         self.log.flush()
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
+
+    def prog_ids(self) -> set[int]:
+        """The BPF programs this serve holds."""
+        return held_prog_ids(self.proc.pid)
 
     def metrics(self, timeout: float = 10) -> str:
         return http_get(self.url + "/metrics", timeout, self.context, self.auth).decode()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import test_backend
 from tests.kernel.cli_run import STARTUP_S, CliRun, start, start_chain
 
 FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_degree", "max_chain", "events")
@@ -27,9 +28,9 @@ REGIONS, GENERATIONS = 3, 4
 REPRO_GENERATIONS = 12
 
 
-def _skip_unless_fentry(backend: str) -> None:
-    if backend != "fentry":
-        pytest.skip("compares the tracepoint backend with fentry: runs in the fentry pass")
+# Decided at collection, so that the test shards are balanced on what runs.
+pytestmark = pytest.mark.skipif(test_backend() != "fentry", reason="compares the tracepoint "
+                                "backend with fentry: runs in the fentry pass")
 
 
 def _by_gen(run: CliRun, report: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -76,7 +77,6 @@ def _reproducer(reproducer_bin, backend: str) -> dict[int, dict[str, Any]]:
 
 
 def test_fork_chain_figures_agree(forkchain_bin, backend) -> None:
-    _skip_unless_fentry(backend)
     fentry = _chain(forkchain_bin, "fentry")
     tracepoint = _chain(forkchain_bin, "tracepoint")
     for g in range(GENERATIONS + 1):
@@ -85,7 +85,6 @@ def test_fork_chain_figures_agree(forkchain_bin, backend) -> None:
 
 
 def test_reproducer_figures_agree_and_reuse_is_counted_as_such(reproducer_bin, backend) -> None:
-    _skip_unless_fentry(backend)
     fentry = _reproducer(reproducer_bin, "fentry")
     tracepoint = _reproducer(reproducer_bin, "tracepoint")
     assert not _differ(tracepoint, fentry), "\n".join(_differ(tracepoint, fentry))

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics_spec import PROBES, sample_names
 from tests.conftest import ROOT, build_workload
-from tests.kernel.stack import Prometheus, Serve, bpf_prog_ids
+from tests.kernel.stack import Prometheus, Serve, assert_released
 
 sys.path.insert(0, str(ROOT))
 from dashboards.queries import DASHBOARDS, expand, panel_queries  # noqa: E402
@@ -181,14 +181,10 @@ def test_series_bounded_through_churn(serve: Serve) -> None:
 
 def test_sigterm_detaches_everything(tmp_path: Path, backend: str) -> None:
     srv = Serve(tmp_path, CONFIG + f"backend: {backend}\n")
-    ours = bpf_prog_ids() - srv.progs_before
+    ours = srv.prog_ids()
     assert ours, "serve loaded no BPF program"
     assert srv.stop() == 0, srv.output()
-    # The kernel frees a program after its last fd closes, asynchronously.
-    deadline = time.monotonic() + 20
-    while ours & bpf_prog_ids() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not (ours & bpf_prog_ids()), "programs left attached after SIGTERM"
+    assert_released(ours, "after SIGTERM")
 
 
 # --------------------------------------------------------------- end to end
@@ -362,7 +358,7 @@ def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: s
             'selection:\n  comm: "^hupidle$"\n')
     srv = Serve(tmp_path, base + "top_k: 30\n")
     try:
-        ours = bpf_prog_ids() - srv.progs_before
+        ours = srv.prog_ids()
         deadline = time.monotonic() + 30
         while len(_process_pids(srv.metrics())) < 4 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -389,7 +385,5 @@ def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: s
             p.kill()
             p.wait()
     assert status == 0, srv.output()
-    deadline = time.monotonic() + 20
-    while ours & bpf_prog_ids() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not (ours & bpf_prog_ids()), "programs left attached after SIGTERM"
+    assert ours
+    assert_released(ours, "after SIGTERM")

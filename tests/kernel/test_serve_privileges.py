@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.stack import Serve, bpf_prog_ids
+from tests.kernel.stack import Serve, assert_released
 
 CAP_BPF = 39
 # One process holding this many anon_vmas (each written page between two
@@ -108,7 +108,7 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
         assert _value(text, "anontrace_resyncs_total") >= 1, srv.output()
         assert re.search(r'level=warn msg="maps rebuilt from a census', srv.output())
         assert 0 < _value(text, "anontrace_anon_vmas") <= 1024
-        ours = bpf_prog_ids() - srv.progs_before
+        ours = srv.prog_ids()
         assert ours
     finally:
         if holder is not None:
@@ -117,8 +117,5 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
         status = srv.stop()
     assert status == 0, srv.output()
     assert notify.recv(64) == b"STOPPING=1"
-    deadline = time.monotonic() + 20
-    while ours & bpf_prog_ids() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not (ours & bpf_prog_ids()), "programs left attached after SIGTERM as nobody"
+    assert_released(ours, "after SIGTERM as nobody")
     assert "Traceback" not in srv.output(), srv.output()

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.kernel.stack import assert_released, held_prog_ids
 
 # The screen is user-space logic over the state maps, which the other kernel
 # tests cover on every kernel and method; three BCC compiles under QEMU TCG
@@ -181,37 +182,10 @@ def _has_rows(head: str):
     return check
 
 
-def _program_ids(pid: int) -> set[int]:
-    """Ids of the BPF programs process ``pid`` holds a descriptor of (its
-    fdinfo: bpftool lists no owners on this host)."""
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            text = info.read_text()
-        except OSError:
-            continue    # closed meanwhile
-        ids.update(int(ln.split()[1]) for ln in text.splitlines()
-                   if ln.startswith("prog_id:"))
-    return ids
-
-
 def _top_pid(pane_pid: int) -> int:
     kids = Path(f"/proc/{pane_pid}/task/{pane_pid}/children").read_text().split()
     assert len(kids) == 1, kids
     return int(kids[0])
-
-
-def _released(ids: set[int]) -> None:
-    """The programs of a process that has exited are freed (asynchronously)."""
-    deadline = time.monotonic() + 20
-    while True:
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
-                             text=True, check=True).stdout
-        left = ids & {p["id"] for p in json.loads(out or "[]")}
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not left, f"BPF programs still loaded after exit: {sorted(left)}"
 
 
 def test_interactive_screen_keys_and_q(chain: Chain, backend: str, tmp_path: Path) -> None:
@@ -227,7 +201,7 @@ def test_interactive_screen_keys_and_q(chain: Chain, backend: str, tmp_path: Pat
                                                      "processes"], screen
         assert int(totals[0].split("=")[1]) > 0 and int(totals[3].split("=")[1]) > 0
         top_pid = _top_pid(tm.pane_pid)
-        ours = _program_ids(top_pid)
+        ours = held_prog_ids(top_pid)
         assert ours, "top holds no BPF program"
         # The deepest generation first, with its exact depth.
         first = _table(screen, "PID")[0]
@@ -260,7 +234,7 @@ def test_interactive_screen_keys_and_q(chain: Chain, backend: str, tmp_path: Pat
         tm.keys("q")
         assert tm.wait_gone() == 0, tm.read_stderr()
         assert "Traceback" not in tm.read_stderr(), tm.read_stderr()
-        _released(ours)
+        assert_released(ours, "after top exited")
     finally:
         tm.kill()
 
@@ -271,12 +245,12 @@ def test_interactive_screen_ends_cleanly_on_ctrl_c(backend: str, tmp_path: Path)
     try:
         screen = tm.wait_for(_has_rows("FAMILY"), "the family table", STARTUP_S)
         assert "view=families sort=depth" in screen
-        ours = _program_ids(_top_pid(tm.pane_pid))
+        ours = held_prog_ids(_top_pid(tm.pane_pid))
         tm.keys("C-c")
         assert tm.wait_gone() == 0, tm.read_stderr()
         err = tm.read_stderr()
         assert "Traceback" not in err and "Detaching..." in err, err
-        _released(ours)
+        assert_released(ours, "after top exited")
     finally:
         tm.kill()
 
