@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import test_backend
+from tests.conftest import test_backend as forced_backend
 from tests.kernel.cli_run import STARTUP_S, CliRun, start, start_chain
 
 FIELDS = ("anon_vmas", "anon_vma_chains", "max_depth", "max_degree", "max_chain", "events")
@@ -29,7 +29,7 @@ REPRO_GENERATIONS = 12
 
 
 # Decided at collection, so that the test shards are balanced on what runs.
-pytestmark = pytest.mark.skipif(test_backend() != "fentry", reason="compares the tracepoint "
+pytestmark = pytest.mark.skipif(forced_backend() != "fentry", reason="compares the tracepoint "
                                 "backend with fentry: runs in the fentry pass")
 
 
