@@ -171,9 +171,14 @@ def test_series_bounded_through_churn(serve: Serve) -> None:
     assert any('"' in c or "\\" in c for c in comms), comms
     time.sleep(7)   # exited_expiry 5s, then the next housekeeping
     series = _series(serve.metrics())
-    labelled = [n for n, lab in series if "pid" in lab and re.search(r"\d", lab["pid"])]
+    # Per metric, not in total: other selected workloads (a concurrent test
+    # shard's forkloop or forkchain) may hold top-K places after the churn.
+    per_metric = {}
+    for n, lab in series:
+        if "pid" in lab and re.search(r"\d", lab["pid"]):
+            per_metric[n] = per_metric.get(n, 0) + 1
     fixed = [n for n, lab in series if "pid" not in lab and "family" not in lab]
-    assert len(labelled) <= 4 * TOP_K
+    assert all(n <= TOP_K for n in per_metric.values()), per_metric
     assert len(fixed) < 60, "the fixed set grew"
     assert not [lab for n, lab in series if "pid" in lab and lab["comm"].startswith(
         ('a"b', "c\\d", "e?f", "{g=}", "j,k"))], "exited churn processes did not expire"
