@@ -44,6 +44,16 @@ def bpf_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out or "[]")}
 
 
+def named_copy(binary: Path, name: str, directory: Path) -> Path:
+    """A copy of ``binary`` called ``name`` (its processes' comm): a test
+    that selects its own workload by comm then gets only that one, whatever
+    else runs beside it (a concurrent test shard runs the same workloads)."""
+    out = directory / name
+    out.write_bytes(binary.read_bytes())
+    out.chmod(0o755)
+    return out
+
+
 def held_prog_ids(pid: int) -> set[int]:
     """Ids of the BPF programs process ``pid`` holds a descriptor of, from
     its fdinfo: the kernel's word on which programs are that process's, also

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics_spec import PROBES, sample_names
 from tests.conftest import ROOT, build_workload
-from tests.kernel.stack import Prometheus, Serve, assert_released
+from tests.kernel.stack import Prometheus, Serve, assert_released, named_copy
 
 sys.path.insert(0, str(ROOT))
 from dashboards.queries import DASHBOARDS, expand, panel_queries  # noqa: E402
@@ -32,13 +32,15 @@ TOP_K = 5
 # Short-lived processes in the churn test (fewer under QEMU TCG, ~10x slower).
 CHURN = 600 if os.environ.get("ANONTRACE_GUEST") else 3000
 DEEPEN_GENERATIONS = 30
-# Only the test's own workloads may get per-process series, so their
-# ranking holds on a busy host. Of the churn's hostile names only those with a
-# quote or a backslash (the characters a label value must escape) are
-# selected: the top-K then holds one of them by construction (with every
-# name selected, one 6.1 guest run ranked only "e\\nf" children first). The
-# other names' control bytes are covered by tests/unit/test_exporter.py.
-COMM = r"^(a\"b|c\\\\d|churn|forkloop|forkchain|deepen)"
+# Only the test's own workloads (copies named e2eloop and e2edeepen: a
+# concurrent test shard runs forkloop and forkchain) may get per-process
+# series, so their ranking holds on a busy host. Of the churn's hostile names
+# only those with a quote or a backslash (the characters a label value must
+# escape) are selected: the top-K then holds one of them by construction
+# (with every name selected, one 6.1 guest run ranked only "e\\nf" children
+# first). The other names' control bytes are covered by
+# tests/unit/test_exporter.py.
+COMM = r"^(a\"b|c\\\\d|churn|e2eloop|e2edeepen)"
 # Rules rendered with a compressed window so alerts resolve within a test:
 # the same expressions as deploy/prometheus/anontrace.rules.yml, other numbers.
 # The rmap census in serve is scheduling in user space; its kernel side (the
@@ -222,13 +224,15 @@ def _active_alerts(prom: Prometheus) -> list[dict[str, Any]]:
 
 
 @pytest.mark.method_agnostic
-def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> None:
+def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus,
+                                    tmp_path: Path) -> None:
     prom = prometheus
     targets = prom.api("targets")["activeTargets"]
     assert [t["health"] for t in targets] == ["up"], targets
 
     # 1. A steady fork loop for 3 windows: no growth alert for its family.
-    loop_bin = build_workload("forkloop", ROOT / "bench" / "workloads")
+    loop_bin = named_copy(build_workload("forkloop", ROOT / "bench" / "workloads"), "e2eloop",
+                          tmp_path)
     loop = _start([str(loop_bin), "60", "16", "4"])
     loop_pid = _line(loop, 30)["pid"]
     assert loop.stdin is not None
@@ -267,7 +271,8 @@ def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> Non
     assert resynced or not lost, f"{lost} events lost and no resync"
 
     # 2. A family that deepens by one generation a second: the alert fires.
-    deepen = _start([str(build_workload("deepen")), str(DEEPEN_GENERATIONS), "1000"])
+    deepen_bin = named_copy(build_workload("deepen"), "e2edeepen", tmp_path)
+    deepen = _start([str(deepen_bin), str(DEEPEN_GENERATIONS), "1000"])
     family = str(_line(deepen, 30)["pid"])
     try:
         fired = None
@@ -299,7 +304,7 @@ def test_end_to_end_with_prometheus(serve: Serve, prometheus: Prometheus) -> Non
     finally:
         deepen.kill()
         deepen.wait()
-        subprocess.run(["pkill", "-KILL", "-f", "build/workloads/deepen"], check=False)
+        subprocess.run(["pkill", "-KILL", "-f", str(deepen_bin)], check=False)
 
 
 def _every_dashboard_query(prom: Prometheus, family: str) -> None:
@@ -355,9 +360,7 @@ def test_sighup_reloads_what_it_can_and_keeps_serving(tmp_path: Path, backend: s
         pytest.skip(f"runs once, in the host's auto pass, not {backend}")
     # Four idle processes of a name nothing else on the host has: the only
     # ones selected, so the series counts are known whatever else runs.
-    idle = tmp_path / "hupidle"
-    idle.write_bytes(Path("/bin/sleep").read_bytes())
-    idle.chmod(0o755)
+    idle = named_copy(Path("/bin/sleep"), "hupidle", tmp_path)
     idlers = [subprocess.Popen([str(idle), "300"]) for _ in range(4)]
     base = ('exited_expiry: 5s\ngrowth:\n  window: 20s\n  for: 5s\n'
             'selection:\n  comm: "^hupidle$"\n')

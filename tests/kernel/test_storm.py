@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_workload
 from tests.kernel.cli_run import start
-from tests.kernel.stack import ROOT, Serve
+from tests.kernel.stack import ROOT, Serve, named_copy
 
 REGIONS = 16
 SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
@@ -95,10 +95,11 @@ def test_storm_beside_a_family_under_serve_and_p(forkchain_bin, backend, tmp_pat
                     "the guests run the storm under anontrace -- forkloop above")
     loop = build_workload("forkloop", ROOT / "bench" / "workloads")
     # Only the family gets per-process series: exact by construction,
-    # whatever else this host runs.
+    # whatever else this host runs (other tests' forkchains included).
+    family_bin = named_copy(forkchain_bin, "stormfamily", tmp_path)
     srv = Serve(tmp_path, f'backend: {backend}\ntop_k: 20\nexited_expiry: 1s\n'
-                'selection:\n  comm: "^forkchain$"\n')
-    family = subprocess.Popen([str(forkchain_bin), "3", str(GENERATIONS_BESIDE), "touch"],
+                'selection:\n  comm: "^stormfamily$"\n')
+    family = subprocess.Popen([str(family_bin), "3", str(GENERATIONS_BESIDE), "touch"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     adhoc = None
     try:
