@@ -118,13 +118,14 @@ def find_vng() -> str:
     )
 
 
-def vng_command(kernel: str, command: str, memory: str = "4G", cpus: int = 2) -> list[str]:
+def vng_command(kernel: str, command: str, memory: str = "8G", cpus: int = 2) -> list[str]:
     """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo.
 
-    Two vCPUs (TCG runs each on a host thread) and 4 GB: scripts/test.sh
-    runs two shards of the kernel tests at once in a guest, so two BCC
-    compiles and drgn's debug info may be resident together, and /tmp is
-    the guest's tmpfs."""
+    Two vCPUs (TCG runs each on a host thread) and 8 GB: scripts/test.sh
+    runs two shards of the kernel tests at once in a guest, so drgn with
+    Debian's debug info and up to three BCC compiles may be resident
+    together (a 6.12 guest with 4 GB died in the drgn report test), and /tmp
+    is the guest's tmpfs. QEMU takes the memory as the guest touches it."""
     # virtme-ng-init mounts an empty tmpfs over /var/cache, hiding the cache.
     cache = ["--rodir", CACHE_DIR] if os.path.isdir(CACHE_DIR) else []
     script = f"{_PRELUDE}cd {shlex.quote(str(REPO))} && exec /bin/bash -c {shlex.quote(command)}"
