@@ -118,10 +118,10 @@ def find_vng() -> str:
     )
 
 
-def vng_command(kernel: str, command: str, memory: str = "8G", cpus: int = 2) -> list[str]:
+def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2) -> list[str]:
     """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo.
 
-    Two vCPUs (TCG runs each on a host thread) and 8 GB: scripts/test.sh
+    Two vCPUs (TCG runs each on a host thread) and 6 GB: scripts/test.sh
     runs two shards of the kernel tests at once in a guest, so drgn with
     Debian's debug info and up to three BCC compiles may be resident
     together (a 6.12 guest with 4 GB died in the drgn report test), and /tmp
