@@ -94,20 +94,7 @@ if [ "$guests" = 1 ]; then
         # Each method's tests run as two concurrent pytest shards (whole
         # modules, balanced by measured guest time: tests/kernel/conftest.py):
         # a BCC compile under TCG keeps one vCPU busy and the other idle.
-        # The guest's kernel log and memory go to results/ as they come: a
-        # guest that dies (boot.py exit 255) leaves no console output.
-        guest_cmd="dmesg -w > $results/$series-dmesg.log 2>&1 & watch=\$!;
-            (while sleep 15; do echo \"\$(date +%T) \$(free -m | sed -n 2p)\"; done) > $results/$series-memory.log 2>&1 & watch=\"\$watch \$!\";
-            for m in $methods; do
-            echo \"== guest \$(uname -r) \$m\";
-            shards=;
-            for s in 1 2; do
-                (ANONTRACE_SHARD=\$s/2 ANONTRACE_GUEST=1 ANONTRACE_TEST_BACKEND=\$m $py -m pytest -q -rs --durations=8 -p no:cacheprovider --basetemp=/tmp/pytest-\$m-\$s tests/kernel \
-                    > $results/$series-\$m-\$s.log 2>&1; echo \$? > $results/$series-\$m-\$s.rc) &
-                shards=\"\$shards \$!\";
-            done;
-            wait \$shards; cat $results/$series-\$m-1.log $results/$series-\$m-2.log; done;
-            kill \$watch"
+        guest_cmd="scripts/guest-passes.sh $series '$methods' $results $py"
         "$py" tests/guest/boot.py --kernel "$series" --timeout 2400 -- "$guest_cmd"
         for m in $methods; do
             for s in 1 2; do

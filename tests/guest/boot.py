@@ -118,6 +118,9 @@ def find_vng() -> str:
     )
 
 
+MAX_SCRIPT = 900
+
+
 def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2) -> list[str]:
     """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo.
 
@@ -129,6 +132,12 @@ def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2) ->
     # virtme-ng-init mounts an empty tmpfs over /var/cache, hiding the cache.
     cache = ["--rodir", CACHE_DIR] if os.path.isdir(CACHE_DIR) else []
     script = f"{_PRELUDE}cd {shlex.quote(str(REPO))} && exec /bin/bash -c {shlex.quote(command)}"
+    if len(script) > MAX_SCRIPT:
+        # vng hands the command to the guest on the kernel command line (2048
+        # bytes on x86 with vng's own options): a longer one stalls QEMU
+        # before the kernel runs, with no message (seen with 1000 bytes here).
+        raise ValueError(f"guest command of {len(script)} bytes (limit {MAX_SCRIPT}): "
+                         "put it in a script file and run that")
     return [
         find_vng(),
         "--disable-kvm",
