@@ -26,7 +26,7 @@ exists on the CI machines but KVM guests hang at boot.
 
 CLI::
 
-    python3 tests/guest/boot.py --kernel 6.12 [--timeout 900] -- 'shell command'
+    python3 tests/guest/boot.py --kernel 6.12 [--timeout 900] [--cpus N] [--single-thread] -- 'cmd'
 
 The exit status is the command's (124 on timeout).
 """
@@ -121,14 +121,20 @@ def find_vng() -> str:
 MAX_SCRIPT = 900
 
 
-def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2) -> list[str]:
+def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2,
+                single_thread: bool = False) -> list[str]:
     """Build the vng argv that boots ``kernel`` and runs ``command`` in the repo.
 
-    Two vCPUs (TCG runs each on a host thread) and 6 GB: scripts/test.sh
-    runs two shards of the kernel tests at once in a guest, so drgn with
-    Debian's debug info and up to three BCC compiles may be resident
-    together (a 6.12 guest with 4 GB died in the drgn report test), and /tmp
-    is the guest's tmpfs. QEMU takes the memory as the guest touches it."""
+    TCG runs each vCPU on a host thread unless ``single_thread``, which
+    runs them all on one. scripts/test.sh asks for two vCPUs on one thread
+    and boots one guest per test shard: with two threads, multi-threaded
+    TCG lets one vCPU run a stale translation of kernel text that another
+    has just patched, and the guest kernel oopses on an int3 of its own text
+    patching (docs/kernels.md "One host thread per guest"). 6 GB: drgn with
+    Debian's debug info and a BCC compile may be resident together (a 6.12
+    guest with 4 GB died in the drgn report test when two shards shared
+    it), and /tmp is the guest's tmpfs. QEMU takes the memory as the guest
+    touches it."""
     # virtme-ng-init mounts an empty tmpfs over /var/cache, hiding the cache.
     cache = ["--rodir", CACHE_DIR] if os.path.isdir(CACHE_DIR) else []
     script = f"{_PRELUDE}cd {shlex.quote(str(REPO))} && exec /bin/bash -c {shlex.quote(command)}"
@@ -141,9 +147,15 @@ def vng_command(kernel: str, command: str, memory: str = "6G", cpus: int = 2) ->
     return [
         find_vng(),
         "--disable-kvm",
+        # The guest kernel's console on our stderr, quiet (loglevel 1) until
+        # an oops or a panic turns it verbose: without it a guest that
+        # crashes only makes vng exit 255 (its "unexpected exit"), with no
+        # word of why (the 6.12 guest did, twice, in the fentry pass).
+        "--verbose", "--append", "loglevel=1",
         "--run", kernel,
         "--memory", memory,
         "--cpus", str(cpus),
+        *(["--qemu-opts=-accel tcg,thread=single"] if single_thread else []),
         "--cwd", str(REPO),
         # Only these are writable back to the host; --rw would expose all of /.
         "--rwdir", str(REPO),
@@ -173,13 +185,15 @@ def _pump(proc: subprocess.Popen[bytes], out: IO[bytes], err: IO[bytes], deadlin
     return True
 
 
-def run_in_guest(series: str, command: str, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Boot kernel ``series`` ("6.1", "6.12" or "7.2"), run ``command``, return its exit status.
+def run_in_guest(series: str, command: str, timeout: float = DEFAULT_TIMEOUT,
+                 cpus: int = 2, single_thread: bool = False) -> int:
+    """Boot kernel ``series`` ("6.1", "6.12" or "7.2") with ``cpus`` vCPUs,
+    run ``command``, return its exit status.
 
     Guest stdout/stderr are streamed to ours as they arrive.  Returns 124 if
     the whole boot plus command exceeds ``timeout`` seconds (QEMU is killed).
     """
-    argv = vng_command(find_kernel(series), command)
+    argv = vng_command(find_kernel(series), command, cpus=cpus, single_thread=single_thread)
     env = dict(os.environ)
     # vng starts virtme-run by name, so the venv's bin dir must be on PATH.
     env["PATH"] = os.path.dirname(argv[0]) + os.pathsep + env.get("PATH", "")
@@ -216,11 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", required=True, choices=sorted(KERNEL_SOURCES))
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--cpus", type=int, default=2,
+                        help="vCPUs (default 2)")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="run every vCPU on one host thread (scripts/test.sh does: "
+                             "docs/kernels.md 'One host thread per guest')")
     parser.add_argument("command", nargs="+", help="shell command (after --)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        status = run_in_guest(args.kernel, " ".join(args.command), args.timeout)
+        status = run_in_guest(args.kernel, " ".join(args.command), args.timeout, args.cpus,
+                              args.single_thread)
     except GuestError as exc:
         print(f"boot.py: {exc}", file=sys.stderr)
         return 2
