@@ -26,6 +26,9 @@ process, and stop it the way a user would:
                 ``anontrace_lost_events_total`` during the round, and any
                 ``anontrace_map_full_total`` series; serve is system-wide,
                 so another process's fork storm counts too); then SIGTERM;
+* ``serve-prealloc``: the same with ``maps: {preallocate: true}`` in its
+                config (default map sizes): what the kernel's BPF allocator
+                costs (not in the default set);
 * ``cmd``:      ``anontrace --json -i 1 -- forkloop ...``: the tool starts
                 the loop itself (the loop says "ready" once it runs, i.e. once
                 the tool is tracing; the bench then releases it through the
@@ -120,7 +123,8 @@ SOURCE = REPO / "bench" / "workloads" / "forkloop.c"
 BUILD_DIR = REPO / "build" / "bench"
 BINARY = BUILD_DIR / "forkloop"
 ANONTRACE = REPO / ".venv" / "bin" / "anontrace"
-VARIANTS = ("untraced", "system", "pid", "state", "nopoll", "empty", "bpftrace", "serve", "cmd")
+VARIANTS = ("untraced", "system", "pid", "state", "nopoll", "empty", "bpftrace", "serve",
+            "serve-prealloc", "cmd")
 # What the state-map design must keep of untraced fork throughput (issue 9,
 # host tracepoint backend, quiet machine).
 STATE_TARGETS = {"serve": 0.92, "cmd": 0.90}
@@ -410,8 +414,8 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     res.events_per_fork = cs.events / max(1, res.forks)
     res.records = records
     res.lost = lost
-    # Certain losses only, as the tool counts them: recursion misses are
-    # system-wide maybe-losses (tracer.format.events.MAYBE_LOST), kept in res.lost.
+    # Losses as the tool counts them: tracepoint programs' recursion misses
+    # are never rmap events (tracer.format.events.NOT_LOST), kept in res.lost.
     res.lost_total = lost_total(lost)
     res.consumer_cpu_s = cs.cpu_s
     res.consumer_wall_s = cs.wall_s
@@ -776,11 +780,11 @@ def _rise(before: dict[str, float], after: dict[str, float], name: str) -> dict[
     return {k: int(v - before.get(k, 0.0)) for k, v in _series(after, name).items()}
 
 
-def _serve_config(stack: contextlib.ExitStack, backend: str) -> str:
-    """A config file forcing ``backend``: serve takes it from its config only."""
+def _serve_config(stack: contextlib.ExitStack, text: str) -> str:
+    """A config file: serve takes its backend and map options from one only."""
     d = stack.enter_context(tempfile.TemporaryDirectory(prefix="fork_overhead."))
     path = Path(d) / "anontrace.yaml"
-    path.write_text(f"backend: {backend}\n")
+    path.write_text(text)
     return str(path)
 
 
@@ -834,14 +838,19 @@ def _note_build(info: dict[str, Any], samples: dict[str, float]) -> None:
         info.setdefault("transport", labels.get("transport"))
 
 
-def run_serve(rnd: int, args: argparse.Namespace, info: dict[str, Any]) -> RunResult:
-    """``anontrace serve`` (system-wide) while the loop runs."""
+def run_serve(rnd: int, args: argparse.Namespace, info: dict[str, Any],
+              variant: str = "serve") -> RunResult:
+    """``anontrace serve`` (system-wide) while the loop runs; ``serve-prealloc``
+    with ``maps: {preallocate: true}`` at the default map sizes."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     argv = [str(args.anontrace), "serve", "--listen", f"127.0.0.1:{port}"]
+    config = "" if args.backend == "auto" else f"backend: {args.backend}\n"
+    if variant == "serve-prealloc":
+        config += "maps:\n  preallocate: true\n"
     with contextlib.ExitStack() as stack:
-        if args.backend != "auto":
-            argv += ["--config", _serve_config(stack, args.backend)]
+        if config:
+            argv += ["--config", _serve_config(stack, config)]
         wl = stack.enter_context(Workload(args.seconds, args.regions, args.pages))
         srv = stack.enter_context(Tracer("serve", argv))
         before = _serve_ready(srv, url, 180)
@@ -853,7 +862,7 @@ def run_serve(rnd: int, args: argparse.Namespace, info: dict[str, Any]) -> RunRe
             / (done["elapsed_ns"] / 1e9)
         after, catch_up = _serve_caught_up(url, t_end, at_end, loop_rate)
         status = srv.stop(signal.SIGTERM, 60)
-    res = _tracer_result(rnd, "serve", done, cpu, other, status)
+    res = _tracer_result(rnd, variant, done, cpu, other, status)
     res.events = sum(_rise(before, after, EVENTS_SERIES).values())
     res.events_per_fork = res.events / max(1, res.forks)
     lost = _rise(before, after, LOST_SERIES)
@@ -996,7 +1005,7 @@ def summarize(results: list[RunResult], target: float) -> dict[str, Any]:
         if v == "cmd":
             out["exited"][v] = ["yes" if r.exited else "no" for r in rs]
     peer = out["median_forks_per_s"].get("bpftrace")
-    for v in ("serve", "cmd"):
+    for v in ("serve", "serve-prealloc", "cmd"):
         if peer and v in out["median_forks_per_s"]:
             out["vs_bpftrace"][v] = round(out["median_forks_per_s"][v] / peer, 4)
     out["other_cpu_per_s_max"] = round(max(r.other_cpu_per_s for r in results), 3)
@@ -1010,7 +1019,7 @@ def summarize(results: list[RunResult], target: float) -> dict[str, Any]:
 def _variant_line(v: str, summary: dict[str, Any]) -> str:
     """One variant's medians and totals over its rounds."""
     ratio = summary["ratio"][v]
-    line = (f"  median forks/s {v:<10} {summary['median_forks_per_s'][v]:>10.1f}   ratio "
+    line = (f"  median forks/s {v:<14} {summary['median_forks_per_s'][v]:>10.1f}   ratio "
             + (f"{ratio:.3f}" if ratio is not None else "-") + f"   lost {summary['lost'][v]}")
     if v in summary["map_full"]:
         line += f" (map full {summary['map_full'][v]})"
@@ -1018,7 +1027,7 @@ def _variant_line(v: str, summary: dict[str, Any]) -> str:
     cpu = f"{summary['consumer_cpu_per_s'][v]:.2f} s/s"
     if v == "bpftrace":
         return line + f"   loop's anon_vmas counted {events}   bpftrace CPU {cpu}"
-    if v == "serve":
+    if v.startswith("serve"):
         return line + f"   events {events}   serve CPU {cpu}"
     if v == "cmd":
         return (line + f"   exited by itself: {', '.join(summary['exited'][v])}"
@@ -1035,7 +1044,7 @@ def print_summary(summary: dict[str, Any], info: dict[str, Any], file: Any) -> N
       f"{info.get('transport')}, {info['seconds']} s x {info['rounds']} rounds, "
       f"{info['regions']} regions x {info['pages']} pages):")
     base = summary["median_forks_per_s"].get("untraced")
-    p(f"  median forks/s untraced   {base:>10.1f}" if base is not None else "  (no baseline)")
+    p(f"  median forks/s untraced       {base:>10.1f}" if base is not None else "  (no baseline)")
     for v in summary["ratio"]:
         p(_variant_line(v, summary))
     for v in summary["ratio"]:
@@ -1127,7 +1136,7 @@ def prepare(args: argparse.Namespace, info: dict[str, Any]) -> Any:
     the kernel facts for in-process variants (None if there are none)."""
     build_workload()
     wanted = set(args.variant_list)
-    if wanted & {"serve", "cmd"} and not os.access(args.anontrace, os.X_OK):
+    if wanted & {"serve", "serve-prealloc", "cmd"} and not os.access(args.anontrace, os.X_OK):
         raise BenchError(f"{args.anontrace} not found: scripts/install.sh")
     if "bpftrace" in wanted:
         path = shutil.which(args.bpftrace)
@@ -1150,8 +1159,8 @@ def run_variant(v: str, rnd: int, args: argparse.Namespace, facts: Any,
         return run_empty(rnd, args, facts)
     if v == "bpftrace":
         return run_bpftrace(rnd, args)
-    if v == "serve":
-        return run_serve(rnd, args, info)
+    if v in ("serve", "serve-prealloc"):
+        return run_serve(rnd, args, info, v)
     if v == "cmd":
         return run_cmd(rnd, args, info)
     return run_traced(rnd, v, args, facts, info)

@@ -29,15 +29,47 @@ BPF_PERF_OUTPUT(events);
 #endif
 #endif
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
+#ifndef SCRATCH_PER_TASK
 BPF_PERCPU_ARRAY(scratch, struct work, 1);
+#endif
 BPF_HASH(filter, u32, u8, FILTER_MAX);
 
+// Per-CPU values are added to atomically: where the kernel can preempt a
+// task inside a BPF program (docs/state.md, "Preemption"), another task on
+// the same CPU may update the same value between a read and its write.
 static __always_inline void count(int idx)
 {
     u64 *c = counters.lookup(&idx);
     if (c)
-        (*c)++;
+        __sync_fetch_and_add(c, 1);
 }
+
+// The scratch a program builds its event in. Per CPU where no program of
+// ours can be preempted: one program at a time runs on a CPU (interrupts
+// aside, which never reach the scratch: see handle_free). Where the kernel
+// can preempt a task inside a program (SCRATCH_PER_TASK, set from the
+// preemption model: tracer.kernel.compat.programs_preemptible), another task
+// would run another of our programs on that CPU and overwrite the preempted
+// one's event; there each task has its own (task-local storage, freed with
+// the task).
+#ifdef SCRATCH_PER_TASK
+BPF_TASK_STORAGE(scratch_task, struct work);
+
+static __always_inline struct work *scratch_get(void)
+{
+    struct work *w = scratch_task.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                   BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!w)
+        count(C_LOST_SCRATCH);
+    return w;
+}
+#else
+static __always_inline struct work *scratch_get(void)
+{
+    int zero = 0;
+    return scratch.lookup(&zero);
+}
+#endif
 
 
 static __always_inline int wanted_tgid(u32 tgid)
@@ -70,14 +102,13 @@ static __always_inline int wanted(void)
 #define G_ORPHANS 2        // live anon_vmas no tracked VMA points at
 #define G_EVENTS 3         // 3..6: logical probe events (fork, clone, unlink, rmap)
 #define G_ANOMALIES 7      // facts that contradict the state (see docs/state.md)
-#define G_FULL 8           // 8..13: inserts refused by a full map, per map
+#define G_FULL 8           // 8..12: inserts refused by a full map, per map
 #define G_FULL_VMA 8
 #define G_FULL_AV 9
 #define G_FULL_MM 10
-#define G_FULL_MMAV 11
-#define G_FULL_PROC 12
-#define G_FULL_FAM 13
-#define G_NR 14
+#define G_FULL_PROC 11
+#define G_FULL_FAM 12
+#define G_NR 13
 
 struct vstate {            // per VMA with (or that had) an anon_vma
     u64 mm;
@@ -89,26 +120,14 @@ struct vstate {            // per VMA with (or that had) an anon_vma
 struct avstate {           // per live anon_vma
     u64 parent;
     u64 root;
-    u64 owner;             // the mm whose VMAs point at it (last to start)
+    u64 owner;             // the mm whose VMAs point at it (see av_vma)
     u32 depth;
     u32 children;          // live children learned while tracing
-    u32 active;            // tracked VMAs pointing at it
+    u32 active;            // tracked VMAs pointing at it (all in ``owner``)
     u32 fam;               // family: tgid that created its root (0: unknown)
     u32 serial;
     u32 pserial;           // the parent's serial when counted as its child (0: not counted)
     u32 dead;              // freed while a tracked VMA still pointed at it
-    u32 pad;
-};
-
-struct mmav_key {
-    u64 mm;
-    u64 av;
-};
-
-struct mmav {              // VMAs of one mm pointing at one anon_vma
-    u32 n;
-    u32 depth_bin;
-    u32 deg_bin;
     u32 pad;
 };
 
@@ -119,7 +138,7 @@ struct mmstate {           // per address space
     u32 chains;
     u32 events[4];
     u32 big[3];            // max value seen in the top bin (depth, chain, degree)
-    u32 pad;
+    u32 exit_seen;         // its teardown's first unlink was looked at (st_exit_begins)
     u32 depth[NB];         // distinct anon_vmas by depth
     u32 chain[NB];         // VMAs by chain length
     u32 degree[NB];        // distinct anon_vmas by live children
@@ -152,7 +171,6 @@ struct famstate {          // per family (the tgid that created the roots)
 
 BPF_F_TABLE("hash", u64, struct vstate, st_vma, ST_VMA_MAX, ST_MAP_FLAGS);
 BPF_F_TABLE("hash", u64, struct avstate, st_av, ST_AV_MAX, ST_MAP_FLAGS);
-BPF_F_TABLE("hash", struct mmav_key, struct mmav, st_mmav, ST_MMAV_MAX, ST_MAP_FLAGS);
 BPF_F_TABLE("hash", u64, struct mmstate, st_mm, ST_MM_MAX, ST_MAP_FLAGS);
 BPF_F_TABLE("hash", u32, struct pstate, st_proc, ST_PROC_MAX, ST_MAP_FLAGS);
 BPF_F_TABLE("hash", u32, struct famstate, st_fam, ST_FAM_MAX, ST_MAP_FLAGS);
@@ -167,7 +185,12 @@ struct zeros {
 BPF_ARRAY(st_zero, struct zeros, 1);
 // A process entry is built here, then inserted whole: user space never sees
 // a half-made one.
+// Per task where programs can be preempted (see scratch_get).
+#ifdef SCRATCH_PER_TASK
+BPF_TASK_STORAGE(st_new_proc_task, struct pstate);
+#else
 BPF_PERCPU_ARRAY(st_new_proc, struct pstate, 1);
+#endif
 BPF_PERCPU_ARRAY(st_depths, u64, MAX_DEPTH + 1);   // depth of each anon_vma as created
 BPF_ARRAY(st_serial, u32, 1);
 
@@ -175,7 +198,7 @@ static __always_inline void gadd(int idx, s64 v)
 {
     s64 *c = st_global.lookup(&idx);
     if (c)
-        *c += v;
+        __sync_fetch_and_add(c, v);
 }
 
 static __always_inline u32 bin_of(u32 v)
@@ -224,7 +247,14 @@ static __always_inline void proc_put(u32 tgid, u64 mm, u32 ppid, u32 flags, cons
 {
     int idx = 0;
     struct zeros *z = st_zero.lookup(&idx);
+#ifdef SCRATCH_PER_TASK
+    struct pstate *n = st_new_proc_task.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!n)
+        count(C_LOST_SCRATCH);
+#else
     struct pstate *n = st_new_proc.lookup(&idx);
+#endif
     if (!z || !n)
         return;
     bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
@@ -286,7 +316,7 @@ static __always_inline void fam_orphan(u32 fam, int delta)
 
 // An anon_vma gained (delta 1) or lost (-1) a live child: move it between
 // degree bins in the histogram of the mm whose VMAs point at it.
-static __always_inline void av_children(struct avstate *a, u64 av, int delta)
+static __always_inline void av_children(struct avstate *a, int delta)
 {
     u32 old = a->children;
     if (delta < 0 && old == 0)
@@ -295,25 +325,38 @@ static __always_inline void av_children(struct avstate *a, u64 av, int delta)
     if (!a->active || !a->owner)
         return;
     struct mmstate *m = st_mm.lookup(&a->owner);
-    struct mmav_key k = {a->owner, av};
-    struct mmav *x = st_mmav.lookup(&k);
-    if (!m || !x)
+    if (!m)
         return;
     hist_add(m->degree, &m->big[2], old, -1);
     hist_add(m->degree, &m->big[2], old + delta, 1);
-    x->deg_bin = old + delta;
 }
+
+// An anon_vma enters (delta 1) or leaves (-1) the figures of the mm its VMAs
+// are in: distinct anon_vmas, by depth and by live children.
+static __always_inline void mm_av(struct mmstate *m, struct avstate *a, int delta)
+{
+    if (!m)
+        return;
+    __sync_fetch_and_add(&m->avs, delta);
+    hist_add(m->depth, &m->big[0], a->depth, delta);
+    hist_add(m->degree, &m->big[2], a->children, delta);
+}
+
+#define AV_DEFER 1         // wait while tracked VMAs point at it
+#define AV_NOT_ORPHANED 2  // its last VMA just went, not yet counted as an orphan
 
 // Forget a live anon_vma (freed, or its pointer found reused). unlink_anon_vmas
 // puts (and may free) a VMA's anon_vmas before freeing the chain entry that
 // tells the tracepoint backend which VMA is going: a free while a tracked VMA
-// still points at it waits for that VMA to go (``defer``).
-static __always_inline void av_drop(u64 av, int defer)
+// still points at it waits for that VMA to go (AV_DEFER). ``a``: its entry,
+// if the caller has it.
+static __always_inline void av_drop(u64 av, struct avstate *a, int how)
 {
-    struct avstate *a = st_av.lookup(&av);
+    if (!a)
+        a = st_av.lookup(&av);
     if (!a)
         return;
-    if (defer && a->active) {
+    if ((how & AV_DEFER) && a->active) {
         a->dead = 1;
         return;
     }
@@ -321,11 +364,14 @@ static __always_inline void av_drop(u64 av, int defer)
         struct avstate *pa = st_av.lookup(&a->parent);
         // The parent at that pointer is the one that counted us.
         if (pa && pa->serial == a->pserial)
-            av_children(pa, a->parent, -1);
+            av_children(pa, -1);
     }
-    int orphan = a->active == 0;
-    if (!orphan)
+    int orphan = a->active == 0 && !(how & AV_NOT_ORPHANED);
+    if (a->active) {
         gadd(G_ANOMALIES, 1);   // freed while tracked VMAs point at it
+        if (a->owner)
+            mm_av(st_mm.lookup(&a->owner), a, -1);
+    }
     fam_add(a->fam, a->depth, -1, orphan);
     gadd(G_AVS, -1);
     if (orphan)
@@ -341,7 +387,7 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
     if (a && e->depth && a->depth != e->depth) {
         // Same pointer, another object: its free was not seen.
         gadd(G_ANOMALIES, 1);
-        av_drop(av, 0);
+        av_drop(av, a, 0);
         a = 0;
     }
     if (a)
@@ -364,8 +410,9 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
         pa = st_av.lookup(&e->parent);
     if (e->depth <= 1 || e->root == av)
         n.fam = m->tgid;            // a root: its family is the process faulting it
-    else if (e->root != av) {
-        struct avstate *ra = st_av.lookup(&e->root);
+    else {
+        // A child of the root (a fork's first generation) looks one entry up.
+        struct avstate *ra = e->root == e->parent ? pa : st_av.lookup(&e->root);
         if (ra)
             n.fam = ra->fam;
         else if (pa)
@@ -378,7 +425,7 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
         return 0;
     }
     if (pa)
-        av_children(pa, e->parent, 1);
+        av_children(pa, 1);
     gadd(G_AVS, 1);
     gadd(G_ORPHANS, 1);
     fam_add(n.fam, n.depth, 1, 1);
@@ -386,83 +433,53 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
         u32 d = e->depth <= MAX_DEPTH ? e->depth : MAX_DEPTH;
         u64 *c = st_depths.lookup(&d);
         if (c)
-            (*c)++;
+            __sync_fetch_and_add(c, 1);
     }
     return st_av.lookup(&av);
 }
 
-// The last VMA of ``mm`` pointing at an anon_vma went.
-static __always_inline void mmav_forget(u64 mm, struct mmstate *m, struct mmav *x,
-                                        struct mmav_key *k, struct avstate *a)
+// A VMA of mm ``mm`` (entry ``m``) points at anon_vma ``av`` (entry ``a``)
+// (delta 1) or no longer (-1). Every VMA pointing at one anon_vma is in one
+// mm: the kernel gives a forked VMA a new anon_vma, or reuses one that no VMA
+// points at (num_active_vmas, anon_vma_clone()). So an anon_vma is counted
+// once, for its owner, while ``active``; a VMA of a second mm is an anomaly.
+static __always_inline void av_vma(u64 mm, struct mmstate *m, u64 av, struct avstate *a,
+                                   int delta)
 {
-    if (!x)
+    if (!a)
         return;
-    if (m) {
-        __sync_fetch_and_add(&m->avs, -1);
-        hist_add(m->depth, &m->big[0], x->depth_bin, -1);
-        u32 deg = a && a->owner == mm ? a->children : x->deg_bin;
-        hist_add(m->degree, &m->big[2], deg, -1);
-    }
-    st_mmav.delete(k);
-}
-
-// A VMA of mm ``mm`` points at anon_vma ``av`` (delta 1) or no longer (-1).
-static __always_inline void mmav_add(u64 mm, struct mmstate *m, u64 av, struct avstate *a,
-                                     int delta)
-{
-    struct mmav_key k = {mm, av};
-    struct mmav *x = st_mmav.lookup(&k);
-    if (a) {
-        u32 was = a->active;
-        if (delta < 0 && was == 0)
-            return;
-        __sync_fetch_and_add(&a->active, delta);
-        if (delta > 0 && was == 0) {
+    u32 was = a->active;
+    if (delta < 0 && was == 0)
+        return;
+    __sync_fetch_and_add(&a->active, delta);
+    if (delta > 0) {
+        if (was == 0) {
+            a->owner = mm;
+            mm_av(m, a, 1);
             gadd(G_ORPHANS, -1);
             fam_orphan(a->fam, -1);
-        } else if (delta < 0 && was == 1) {
-            gadd(G_ORPHANS, 1);
-            fam_orphan(a->fam, 1);
-        }
-    }
-    if (delta < 0 && a && a->dead && a->active == 0) {
-        mmav_forget(mm, m, x, &k, a);
-        av_drop(av, 0);
-        return;
-    }
-    if (delta > 0) {
-        if (x) {
-            __sync_fetch_and_add(&x->n, 1);
-            return;
-        }
-        struct mmav n = {1, a ? a->depth : 0, a ? a->children : 0, 0};
-        if (st_mmav.insert(&k, &n)) {
-            gadd(G_FULL_MMAV, 1);
-            return;
-        }
-        if (a) {
-            a->owner = mm;
-        }
-        if (m) {
-            __sync_fetch_and_add(&m->avs, 1);
-            hist_add(m->depth, &m->big[0], n.depth_bin, 1);
-            hist_add(m->degree, &m->big[2], n.deg_bin, 1);
+        } else if (a->owner != mm) {
+            gadd(G_ANOMALIES, 1);
         }
         return;
     }
-    if (!x)
+    if (was != 1)
         return;
-    if (x->n > 1) {
-        __sync_fetch_and_add(&x->n, -1);
+    // Its last VMA went.
+    mm_av(a->owner == mm ? m : st_mm.lookup(&a->owner), a, -1);
+    if (a->dead) {
+        av_drop(av, a, AV_NOT_ORPHANED);
         return;
     }
-    mmav_forget(mm, m, x, &k, a);
+    gadd(G_ORPHANS, 1);
+    fam_orphan(a->fam, 1);
 }
 
-// Add (delta 1) or remove (-1) a VMA's contribution to its mm.
-static __always_inline void vma_account(u64 mm, u64 av, u32 chain, int delta)
+// Add (delta 1) or remove (-1) a VMA's contribution to its mm ``mm``
+// (entry ``m``, 0 if it has none) and its anon_vma ``av`` (entry ``a``).
+static __always_inline void vma_account(u64 mm, struct mmstate *m, u64 av, struct avstate *a,
+                                        u32 chain, int delta)
 {
-    struct mmstate *m = mm_get(mm, delta > 0);
     if (m) {
         __sync_fetch_and_add(&m->nvmas, delta);
         __sync_fetch_and_add(&m->chains, delta * (s32)chain);
@@ -470,7 +487,7 @@ static __always_inline void vma_account(u64 mm, u64 av, u32 chain, int delta)
     }
     gadd(G_CHAINS, delta * (s64)chain);
     if (av)
-        mmav_add(mm, m, av, st_av.lookup(&av), delta);
+        av_vma(mm, m, av, a, delta);
 }
 
 static __always_inline void st_count(struct mmstate *m, u32 probe)
@@ -520,41 +537,58 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
         if (!a)
             return;
     }
+    u32 chain = e->chain_len;
     struct vstate *v = st_vma.lookup(&vma);
     if (v) {
-        if (v->mm == mm && v->av == av && v->chain == e->chain_len)
-            return;   // nothing changed
         u64 omm = v->mm, oav = v->av;
         u32 ochain = v->chain;
+        if (omm == mm && oav == av) {
+            if (ochain == chain)
+                return;   // nothing changed
+            // Only its chain changed (a clone that added entries).
+            v->chain = chain;
+            __sync_fetch_and_add(&m->chains, (s32)chain - (s32)ochain);
+            hist_add(m->chain, &m->big[1], ochain, -1);
+            hist_add(m->chain, &m->big[1], chain, 1);
+            gadd(G_CHAINS, (s64)chain - (s64)ochain);
+            return;
+        }
         v->mm = mm;
         v->av = av;
-        v->chain = e->chain_len;
-        vma_account(omm, oav, ochain, -1);
+        v->chain = chain;
+        vma_account(omm, omm == mm ? m : st_mm.lookup(&omm), oav,
+                    oav ? st_av.lookup(&oav) : 0, ochain, -1);
+        if (av && oav == av)
+            a = st_av.lookup(&av);   // the removal may have dropped it
     } else {
-        struct vstate n = {mm, av, e->chain_len, 0};
+        struct vstate n = {mm, av, chain, 0};
         if (st_vma.insert(&vma, &n)) {
             gadd(G_FULL_VMA, 1);
             return;
         }
     }
-    vma_account(mm, av, e->chain_len, 1);
+    vma_account(mm, m, av, a, chain, 1);
 }
 
 // anontrace_compat.h: exit_event_before_exit_mm. Where exit_mm() runs before
 // the exit event, the first unlink of a process's own teardown takes its exit
 // figures, so that a report made before its exit event does not show it alive
 // with a half-emptied mm, and its figures at exit mean "before its teardown"
-// on every kernel (README "Definitions").
-static __always_inline void st_exit_begins(u64 mm)
+// on every kernel (README "Definitions"). Every unlink of a teardown runs with
+// no mm; the first one run by the mm's process decides (``exit_seen``), so the
+// others skip the process lookup.
+static __always_inline void st_exit_begins(u64 mm, struct mmstate *m)
 {
+    if (!m || m->exit_seen)
+        return;
     if (rd64((u64)bpf_get_current_task() + OFF_TASK_MM))
         return;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct pstate *p = st_proc.lookup(&tgid);
-    if (!p || p->mm != mm || (p->flags & (P_ALIVE | P_EXITING)) != P_ALIVE)
+    if (!p || p->mm != mm)
         return;
-    struct mmstate *m = st_mm.lookup(&mm);
-    if (!m)
+    m->exit_seen = 1;
+    if ((p->flags & (P_ALIVE | P_EXITING)) != P_ALIVE)
         return;
     bpf_probe_read_kernel(&p->exit, sizeof(p->exit), m);
     p->flags |= P_EXITING;
@@ -573,11 +607,12 @@ static __always_inline void st_unlink_vma(u64 vma, int count)
         return;
     u64 omm = v->mm, oav = v->av;
     u32 ochain = v->chain;
-    st_exit_begins(omm);
+    struct mmstate *m = st_mm.lookup(&omm);
+    st_exit_begins(omm, m);
     st_vma.delete(&vma);
     if (count)
-        st_count(st_mm.lookup(&omm), 2);
-    vma_account(omm, oav, ochain, -1);
+        st_count(m, 2);
+    vma_account(omm, m, oav, oav ? st_av.lookup(&oav) : 0, ochain, -1);
 }
 
 // An mm is torn down (exit_mmap, or an exit/exec after an empty teardown):
@@ -602,8 +637,7 @@ static __always_inline void st_mm_gone(u64 mm)
 
 static __always_inline struct event *new_event(u32 kind)
 {
-    int zero = 0;
-    struct work *w = scratch.lookup(&zero);
+    struct work *w = scratch_get();
     if (!w)
         return 0;
     struct event *e = &w->e;
@@ -661,8 +695,9 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
     else {
         // The model takes exit figures at any unlink of the teardown, before
         // counting it; so do the maps (a no-op once taken).
-        st_exit_begins(e->mm);
-        st_count(st_mm.lookup(&e->mm), K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
+        struct mmstate *m = st_mm.lookup(&e->mm);
+        st_exit_begins(e->mm, m);
+        st_count(m, K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
     }
 #endif
     submit(ctx, e);
@@ -979,8 +1014,7 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
 #if defined(WITH_STATE) && !defined(WITH_EVENTS)
     if (superseded && site == S_CLONE) {
         // No event to build: the entry's VMA and that VMA's mm are enough.
-        int zero = 0;
-        struct work *w = scratch.lookup(&zero);
+        struct work *w = scratch_get();
         if (!w)
             return;
         u64 anon_vma;
@@ -1218,7 +1252,7 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 #endif
     if (is_av) {
 #ifdef WITH_STATE
-        av_drop(ptr, 1);
+        av_drop(ptr, 0, AV_DEFER);
 #endif
         if (traced)
             emit_av(ctx, K_AV_FREE, site, ptr, 0);
@@ -1230,8 +1264,7 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
         // free of a tracked VMA ends it (and counts the unlink).
         // Only the entry's VMA is needed: the scratch's span, no event.
         u64 anon_vma;
-        int zero = 0;
-        struct work *w = scratch.lookup(&zero);
+        struct work *w = scratch_get();
         if (w)
             st_unlink_vma(read_avc(&w->e, ptr, &anon_vma), 1);
     }
@@ -1497,8 +1530,7 @@ BPF_ITER(task_vma)
     u32 tgid = census_tgid(task, vma);
     if (!tgid || !wanted_tgid(tgid))
         return 0;
-    int zero = 0;
-    struct work *w = scratch.lookup(&zero);
+    struct work *w = scratch_get();
     if (!w)
         return 0;
     census_fill(&w->e, tgid, task, vma);

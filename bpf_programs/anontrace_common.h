@@ -42,7 +42,8 @@
 #define C_LOST_NO_ENTRY 2    // kretprobe without a recorded entry
 #define C_LOST_PENDING 3     // derived backend: pending map full
 #define C_LOST_FILTER 4      // PID filter map full: a descendant was not added
-#define NR_COUNTERS 5
+#define C_LOST_SCRATCH 5     // per-task scratch not created (SCRATCH_PER_TASK)
+#define NR_COUNTERS 6
 
 #ifndef MAX_DEPTH
 #define MAX_DEPTH 128

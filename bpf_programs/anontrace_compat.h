@@ -23,6 +23,8 @@
 // task_vma_iter: commit 3a7b35b899de ("bpf: Introduce task_vma bpf_iter") (v5.12)
 // recursion_misses: commit 9ed9e9ba2337 ("bpf: Count the number of times recursion was prevented") (v5.12)
 // no_prealloc_tracing: commit 96da3f7d489d ("bpf: Remove tracing program restriction on map types") (v6.1)
+// preemptible_tracepoints: commit (hash not established) ("tracing: Guard __DECLARE_TRACE() use of __DO_TRACE_CALL() with SRCU-fast") (v7.0)
+// preemptible_trampoline: commit (hash not established) ("bpf: Use migrate_disable/enable in trampoline code") (v5.7)
 //
 // Only macros live here: BCC rewrites map calls in the main source file
 // alone, so code that touches a map stays in anontrace.bpf.c and names the

@@ -221,6 +221,7 @@ def parse_duration(value: Any) -> float:
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -280,6 +281,12 @@ def _map_entries(node: Node, path: str) -> int:
     if value < 1024:
         raise _Invalid(node, path, f"expected at least 1024 entries, got {value}")
     return value
+
+
+def _bool(node: Node, path: str) -> bool:
+    if not (isinstance(node, ScalarNode) and node.tag == _BOOL):
+        raise _Invalid(node, path, f"expected true or false, got {_describe(node)}")
+    return bool(_number(node))
 
 
 def _top_k(node: Node, path: str) -> int:
@@ -398,8 +405,16 @@ _GROWTH: dict[str, tuple[str, _Parser]] = {
 }
 
 _MAPS: dict[str, tuple[str, _Parser]] = {
-    key: (key, _map_entries) for key in
-    ("vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families")}
+    **{key: (key, _map_entries) for key in ("vmas", "anon_vmas", "mms", "processes", "families")},
+    "preallocate": ("preallocate", _bool),
+}
+
+# Keys an earlier release took, with what to do now (an upgraded config then
+# says why it fails, not just "unknown key").
+_RETIRED = {
+    "maps.mm_anon_vmas": ("no longer used: the per-process anon_vma figures are kept "
+                          "in the anon_vmas map now; remove this key"),
+}
 
 
 def _section(cls: type, keys: dict[str, tuple[str, _Parser]]) -> _Parser:
@@ -435,6 +450,8 @@ def _fields(node: Node, path: str, keys: dict[str, tuple[str, _Parser]]) -> dict
             raise _Invalid(key_node, where, f"expected a key name, got {_describe(key_node)}")
         name = key_node.value
         key_path = f"{path}.{name}" if path else name
+        if key_path in _RETIRED:
+            raise _Invalid(key_node, key_path, _RETIRED[key_path])
         if name not in keys:
             known = ", ".join(sorted(keys))
             raise _Invalid(key_node, key_path, f"unknown key (known: {known})")

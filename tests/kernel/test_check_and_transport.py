@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.kernel.family import FamilyRun, run_family
+from tests.kernel.stack import kernel_preempts
 from tracer.format.events import Kind, lost_total
 from tracer.kernel.bpf_session import TraceSession
 from tracer.kernel.facts import read_kernel_facts
@@ -47,7 +48,12 @@ def test_check_names_the_task_state(check_report) -> None:
 
 @pytest.mark.auto_pass
 def test_check_backend_is_first_that_works(check_report) -> None:
-    order = ["fentry", "kprobe", "tracepoint"]
+    # auto's order: kprobes first where the kernel preempts fentry programs
+    # (tracer.kernel.bpf_session.auto_order), as check reports it.
+    preempts = kernel_preempts()
+    assert check_report["preemptible"]["fentry"] is preempts
+    order = ["kprobe", "fentry", "tracepoint"] if preempts else ["fentry", "kprobe", "tracepoint"]
+    assert list(check_report["backends"]) == order
     working = [b for b in order if check_report["backends"][b]["ok"]]
     assert check_report["backend"] == working[0]
     for b in order:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.kernel.family import FamilyRun, run_family
+from tests.kernel.stack import kernel_preempts, preempted_fentry_loss
 from tracer.format.events import F_REUSED, Kind, lost_total
 
 # The family end to end is also what the guests' auto pass runs (with the
@@ -25,6 +26,17 @@ def family(forkchain_bin, backend) -> FamilyRun:
     return run_family(forkchain_bin, backend, REGIONS, GENERATIONS)
 
 
+@pytest.fixture(autouse=True)
+def _reported_loss(request: pytest.FixtureRequest, family: FamilyRun) -> None:
+    """With fentry forced on a kernel that preempts fentry programs, a run
+    that reported operations lost may miss one of the family's: its exact
+    figures, and test_no_events_lost, are then expected to fail, visibly
+    (xfail, not strict)."""
+    reason = preempted_fentry_loss(family.backend, lost_total(family.lost))
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+
+
 def test_backend_as_requested(family: FamilyRun, backend: str) -> None:
     methods = {m for _, m in family.probes.values() if m}
     assert methods, family.probes
@@ -32,21 +44,33 @@ def test_backend_as_requested(family: FamilyRun, backend: str) -> None:
                 "tracepoint": {"tracepoint"}}.get(backend)
     if expected is not None:
         assert methods <= expected, family.probes
+    elif kernel_preempts():
+        # auto where fentry programs can be preempted: kprobes, whose
+        # programs cannot (tracer.kernel.bpf_session.auto_order).
+        assert methods <= {"kprobe", "kretprobe"}, family.probes
 
 
 def test_no_events_lost(family: FamilyRun) -> None:
-    # No certain loss. recursion_misses counts runs the kernel skipped because
-    # the same program was already running on that CPU (a slab operation in
-    # an interrupt during a kmem program): system-wide, so not proof that a
-    # traced event was missed (tracer.format.events.MAYBE_LOST); the exact counts in
-    # the other tests show none of the family's were. Seen once in the 6.1
-    # guest (2 misses); a systematic recursion would show here as many.
+    # Nothing lost, skipped runs of the rmap-function programs included
+    # (with fentry forced on a preempting kernel: xfail, _reported_loss).
     assert lost_total(family.lost) == 0, family.lost
-    # On a busy host (another job's slab churn runs our kmem programs, and
-    # interrupts nest in them) misses grow with that load: 204 were seen
-    # beside a fork-storm benchmark. Bound them by the load measured.
-    misses = family.lost.get("recursion_misses", 0)
+    assert "recursion_misses" in family.lost and "tracepoint_recursion_misses" in family.lost
+    # tracepoint_recursion_misses counts runs of a tracepoint program the kernel
+    # skipped because it was already running on that CPU: an interrupt's slab
+    # operation during a kmem program, never an rmap event
+    # (tracer.format.events.NOT_LOST); the exact counts in the other tests
+    # show none of the family's were missed. On a busy host (another job's
+    # slab churn runs our kmem programs, and interrupts nest in them) misses
+    # grow with that load: 204 were seen beside a fork-storm benchmark. Bound
+    # them by the load measured: a systematic recursion would show as many.
+    misses = family.lost["tracepoint_recursion_misses"]
     bound = 10 if family.other_cpu_per_s < 0.25 else 10 + 1000 * family.other_cpu_per_s
+    if misses > bound and kernel_preempts(tracepoints=True):
+        # The premise above fails where a task can be preempted inside a
+        # tracepoint program (sid's 7.2): an open defect, documented in
+        # docs/state.md "Recursion misses"; shown as xfail, not hidden.
+        pytest.xfail(f"{misses} skipped tracepoint runs on a kernel that preempts tracepoint "
+                     "programs: some may be rmap operations (open defect, docs/state.md)")
     assert misses <= bound, (family.lost, f"other CPU {family.other_cpu_per_s:.2f}/s")
 
 

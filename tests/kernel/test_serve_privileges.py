@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.stack import Serve, assert_released
+from tests.kernel.stack import Serve, assert_released, held_maps
 
 CAP_BPF = 39
 # One process holding this many anon_vmas (each written page between two
@@ -72,8 +72,11 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
     notify.bind("\0" + name)
     notify.settimeout(30)
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-    srv = Serve(tmp_path, "maps:\n  anon_vmas: 1024\nselection:\n  comm: '^nothing$'\n"
-                "rmap_interval: 1s\n", ("--user", "nobody"))
+    # Small maps, preallocated (maps.preallocate): a real load of that
+    # choice, and the full anon_vma map below is a preallocated one.
+    srv = Serve(tmp_path, "maps:\n  vmas: 16384\n  anon_vmas: 1024\n  mms: 2048\n"
+                "  processes: 4096\n  families: 2048\n  preallocate: true\n"
+                "selection:\n  comm: '^nothing$'\nrmap_interval: 1s\n", ("--user", "nobody"))
     holder = None
     try:
         assert notify.recv(64) == b"READY=1"
@@ -85,6 +88,10 @@ def test_serve_runs_as_nobody_with_cap_bpf_alone(tmp_path: Path, backend: str,
         assert int(st["CapPrm"], 16) == 1 << CAP_BPF and int(st["CapBnd"], 16) == 1 << CAP_BPF
         assert st["NoNewPrivs"] == "1"
         assert "privileges dropped" in srv.output() and "user=nobody" in srv.output()
+        maps = held_maps(srv.proc.pid)
+        for name, entries in (("st_vma", 16384), ("st_av", 1024), ("st_proc", 4096)):
+            assert maps[name]["max_entries"] == entries, maps[name]
+            assert maps[name]["flags"] & 1 == 0, maps[name]   # no BPF_F_NO_PREALLOC
         assert _value(srv.metrics(), "process_open_fds") > 0   # its own /proc still readable
         # The rmap census keeps running as nobody with CAP_BPF alone.
         first = _value(srv.metrics(), "anontrace_rmap_census_timestamp_seconds")

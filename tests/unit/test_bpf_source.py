@@ -154,3 +154,15 @@ def test_flags_are_sorted_and_program_exists() -> None:
 def test_task_storage_define_follows_the_feature() -> None:
     assert "HAVE_TASK_STORAGE" in defines("6.18", "tracepoint", BuildOptions(task_storage=True))
     assert "HAVE_TASK_STORAGE" not in defines("6.18", "tracepoint", BuildOptions())
+
+
+def test_state_maps_preallocated_when_the_kernel_needs_it_or_the_config_asks() -> None:
+    from tracer.kernel.bpf_source import MapSizes
+
+    def flags(prealloc: bool, preallocate: bool) -> str | None:
+        return defines("6.18", "tracepoint", BuildOptions(
+            state=True, prealloc=prealloc, map_sizes=MapSizes(preallocate=preallocate)))[
+                "ST_MAP_FLAGS"]
+    assert flags(prealloc=False, preallocate=False) == "1"   # BPF_F_NO_PREALLOC
+    assert flags(prealloc=True, preallocate=False) == "0"    # the kernel needs it
+    assert flags(prealloc=False, preallocate=True) == "0"    # the config asks

@@ -12,8 +12,10 @@ from tracer.kernel.compat import (
     change,
     kmem_free_has_name,
     no_prealloc_allowed,
+    programs_preemptible,
     ringbuf_available,
     task_storage_available,
+    tracepoint_programs_preemptible,
 )
 from tracer.kernel.kernel_env import Kallsyms
 
@@ -111,3 +113,31 @@ def test_feature_tests() -> None:
     assert not task_storage_available(none)
     assert not task_storage_available(Kallsyms("0 T bpf_get_current_task_btf\n"))
     assert not ringbuf_available(none) and not no_prealloc_allowed(none)
+
+
+def test_tracepoint_programs_preemptible() -> None:
+    srcu_fast_text = "0 T init_srcu_struct_fast\n"
+    srcu_fast = Kallsyms(srcu_fast_text)
+    # Before the change tracepoints disable preemption, whatever the model.
+    assert not tracepoint_programs_preemptible(Kallsyms("0 T bpf_mem_alloc\n"),
+                                               "none voluntary (full) lazy\n")
+    # After it, the current model (in parentheses) decides.
+    assert tracepoint_programs_preemptible(srcu_fast, "none voluntary full (lazy)\n")
+    assert tracepoint_programs_preemptible(srcu_fast, "none voluntary (full) lazy\n")
+    assert not tracepoint_programs_preemptible(srcu_fast, "none (voluntary) full lazy\n")
+    assert not tracepoint_programs_preemptible(srcu_fast, "(none) voluntary full lazy\n")
+    # Unreadable model: the kernel preempts if it built preempt_schedule.
+    assert not tracepoint_programs_preemptible(srcu_fast, None)
+    preempts = Kallsyms(srcu_fast_text + "0 T preempt_schedule\n")
+    assert tracepoint_programs_preemptible(preempts, None)
+    assert tracepoint_programs_preemptible(preempts, "")
+    assert not tracepoint_programs_preemptible(preempts, "none (voluntary) full lazy\n")
+
+
+def test_programs_preemptible() -> None:
+    none = Kallsyms("0 T bpf_mem_alloc\n")
+    assert programs_preemptible(none, "none voluntary full (lazy)\n")
+    assert programs_preemptible(none, "none voluntary (full) lazy\n")
+    assert not programs_preemptible(none, "none (voluntary) full lazy\n")
+    assert not programs_preemptible(none, None)
+    assert programs_preemptible(Kallsyms("0 T preempt_schedule\n"), None)

@@ -64,7 +64,7 @@ def test_example_config_sets_every_key_but_selection() -> None:
                    "runbook_base_url", "rmap_interval"}
     for key in ("window", "for", "min_depth_increase", "min_family_anon_vmas_increase",
                 "min_orphaned_increase", "min_host_anon_vmas_increase",
-                "vmas", "anon_vmas", "mm_anon_vmas", "mms", "processes", "families"):
+                "vmas", "anon_vmas", "mms", "processes", "families"):
         assert f"\n  {key}: " in text, key
     # the example spells out the defaults
     assert parse_config(text, "example").maps == MapSizes()
@@ -76,6 +76,14 @@ def test_map_sizes_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"^cfg:2: maps.vma: unknown key"):
         parse_config("maps:\n  vma: 4096\n", "cfg")
     assert parse_config("maps:\n  mms: 2048\n", "cfg").maps.mms == 2048
+    assert not parse_config("maps:\n  mms: 2048\n", "cfg").maps.preallocate
+    assert parse_config("maps:\n  preallocate: true\n", "cfg").maps.preallocate
+    with pytest.raises(ConfigError, match=r"^cfg:2: maps.preallocate: expected true or false, "
+                                          r"got 'yes please'"):
+        parse_config("maps:\n  preallocate: yes please\n", "cfg")
+    # A key an earlier release took says what became of it.
+    with pytest.raises(ConfigError, match=r"^cfg:3: maps.mm_anon_vmas: no longer used: .*remove"):
+        parse_config("maps:\n  vmas: 4096\n  mm_anon_vmas: 10\n", "cfg")
 
 
 def test_example_selection_works_when_uncommented() -> None:

@@ -195,7 +195,7 @@ def test_loss_counters_match_the_header() -> None:
     c = _header_defines("C_LOST_")
     by_index = {"OUTPUT": "output_full", "ARGS": "kprobe_args_full",
                 "NO_ENTRY": "exit_without_entry", "PENDING": "pending_full",
-                "FILTER": "filter_full"}
+                "FILTER": "filter_full", "SCRATCH": "scratch_failed"}
     assert set(c) == set(by_index), c
     assert [by_index[n] for n, _ in sorted(c.items(), key=lambda kv: kv[1])] == \
         list(LOSS_COUNTERS)
@@ -206,3 +206,20 @@ def test_pack_record_names_unknown_members() -> None:
     with pytest.raises(TypeError, match="no member 'nope'"):
         pack_record(nope=1)
     assert decode(pack_record(kind=int(Kind.SYNC), tgid=7, comm=b"x")).tgid == 7
+
+
+def test_tracepoint_recursion_misses_are_not_lost_rmap_ones_are() -> None:
+    from tracer.format.events import lost_total
+    from tracer.kernel.bpf_session import is_tracepoint_program
+
+    assert lost_total({"output_full": 1, "tracepoint_recursion_misses": 500}) == 1
+    assert lost_total({"recursion_misses": 2, "tracepoint_recursion_misses": 500}) == 2
+    # A recording made before the split: one count over every program, not a loss then.
+    assert lost_total({"output_full": 1, "recursion_misses": 9}) == 1
+    # Names as BCC gives them for the programs of bpf_programs/anontrace.bpf.c.
+    for name in (b"raw_tracepoint__kmem_cache_free", b"raw_tracepoint__sys_exit",
+                 b"tracepoint__kmem__kmem_cache_free", "raw_tracepoint__exit_mmap"):
+        assert is_tracepoint_program(name), name
+    for name in (b"kfunc__vmlinux__unlink_anon_vmas", b"kretfunc__vmlinux__anon_vma_fork",
+                 b"kp_fork_entry", b"kr_clone_exit"):
+        assert not is_tracepoint_program(name), name

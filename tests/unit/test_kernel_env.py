@@ -1,6 +1,7 @@
 """tracer.kernel.kernel_env: kallsyms ranges, lockdown, tracefs formats, slab sizes."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
     KernelEnvError,
+    preempt_model,
+    preempt_model_from_config,
     read_lockdown,
     slab_object_size,
     tracepoint_fields,
@@ -189,3 +192,36 @@ def test_recorded_slab_sizes(series: str) -> None:
     assert f["release"] == kfix.kernel_dir(series).name
     assert f["slab_sizes"] == {"anon_vma": 104, "anon_vma_chain": 64}
     assert f["kprobe_events"] is (series != "6.18")
+
+
+def test_preempt_model_from_the_build_where_debugfs_is_closed(tmp_path: Path) -> None:
+    import gzip
+
+    # The host's configuration (6.18, lockdown closes debugfs): dynamic
+    # preemption built with none as the default.
+    host = ("CONFIG_PREEMPT_BUILD=y\nCONFIG_PREEMPT_NONE=y\n# CONFIG_PREEMPT is not set\n"
+            "CONFIG_PREEMPTION=y\nCONFIG_PREEMPT_DYNAMIC=y\n")
+    assert preempt_model_from_config(host, "console=ttyS0 quiet") == "(none)"
+    assert preempt_model_from_config(host, "quiet preempt=full") == "(full)"
+    assert preempt_model_from_config(host, "preempt=lazy") == "(lazy)"
+    # Without dynamic preemption the build decides.
+    fixed = "CONFIG_PREEMPT_VOLUNTARY=y\n"
+    assert preempt_model_from_config(fixed, "preempt=full") == "(voluntary)"
+    assert preempt_model_from_config("CONFIG_PREEMPT_LAZY=y\nCONFIG_PREEMPT_DYNAMIC=y\n",
+                                     "") == "(lazy)"
+    assert preempt_model_from_config("CONFIG_PREEMPT_RT=y\nCONFIG_PREEMPT_DYNAMIC=y\n",
+                                     "preempt=none") == "(full)"
+    assert preempt_model_from_config("CONFIG_SMP=y\n", "") is None
+    # The file first, then /proc/config.gz, then /boot, then nothing.
+    env = KernelEnv(release="9.9", sched_preempt=tmp_path / "none",
+                    proc_config=tmp_path / "config.gz", boot=tmp_path,
+                    cmdline=tmp_path / "cmdline")
+    assert preempt_model(env) is None
+    (tmp_path / "config-9.9").write_text(fixed)
+    assert preempt_model(env) == "(voluntary)"
+    (tmp_path / "config.gz").write_bytes(gzip.compress(host.encode()))
+    (tmp_path / "cmdline").write_text("root=/dev/vda preempt=full\n")
+    assert preempt_model(env) == "(full)"
+    (tmp_path / "preempt").write_text("none voluntary full (lazy)\n")
+    assert preempt_model(dataclasses.replace(env, sched_preempt=tmp_path / "preempt")) == \
+        "none voluntary full (lazy)\n"

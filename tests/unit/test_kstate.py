@@ -14,7 +14,7 @@ import pytest
 
 from tracer.kernel import kstate
 from tracer.kernel.bpf_source import MAIN_PROGRAM
-from tracer.kernel.kstate import NB, KernelState, MmRow, StateDump, hist_max
+from tracer.kernel.kstate import NB, KernelState, MmRow, StateDump, hist_max_at
 
 C_TYPES = {"u64": 8, "u32": 4, "s64": 8, "char": 1}
 
@@ -71,14 +71,25 @@ def test_process_flags_match_the_c_source() -> None:
         "P_CENSUS": kstate.P_CENSUS, "P_EXITING": kstate.P_EXITING}
 
 
+def hist_max(hist: list[int], big: int) -> int:
+    """The reference (C: hist_max): the last non-empty bin, or ``big`` for the top one."""
+    top = max((i for i, v in enumerate(hist) if v), default=0)
+    return big if top == NB - 1 else top
+
+
+def _packed(h: list[int]) -> bytes:
+    return struct.pack(f"<{NB}I", *h)
+
+
 def test_hist_max() -> None:
     h = [0] * NB
-    assert hist_max(h, 0) == 0
+    assert hist_max_at(_packed(h), 0, 0) == hist_max(h, 0) == 0
     h[3] = 2
     h[1] = 5
-    assert hist_max(h, 0) == 3
+    assert hist_max_at(_packed(h), 0, 0) == hist_max(h, 0) == 3
     h[NB - 1] = 1
-    assert hist_max(h, 200) == 200    # the top bin's largest value
+    # the top bin's largest value
+    assert hist_max_at(_packed(h), 0, 200) == hist_max(h, 200) == 200
 
 
 def _mm_raw(tgid: int, vmas: int, avs: int, chains: int, events: tuple[int, ...],
@@ -112,6 +123,32 @@ def test_decode_live_and_exited_processes() -> None:
     q = st.processes[101]
     assert not q.alive and q.comm == "gone"
     assert (q.figures.anon_vmas, q.figures.max_depth, q.figures.max_chain) == (13, 3, 3)
+
+
+def test_decoders_find_the_maxima_hist_max_finds() -> None:
+    """The decoders scan the histograms as bytes; the reference unpacks every
+    bin and takes :func:`hist_max`. Values of every byte width, the top bin
+    (whose figure is ``big``), empty histograms."""
+    import random
+    rng = random.Random(9)
+    for _ in range(300):
+        hists = [[0] * NB for _ in range(3)]
+        for h in hists:
+            for b in rng.sample(range(NB), rng.choice((0, 1, 3, 10))):
+                h[b] = rng.choice((1, 0xFF, 0x100, 0x10000, 0x1000000, 0xFFFFFFFF))
+        big = [rng.randint(NB - 1, 500) for _ in range(3)]
+        raw = kstate.MMSTATE.pack(7, 1, 2, 3, 4, 5, 6, 7, *big, 0, *hists[0], *hists[1], *hists[2])
+        want = tuple(hist_max(h, b) for h, b in zip(hists, big, strict=True))
+        row = MmRow.decode(0xAA, raw)
+        assert (row.max_depth, row.max_chain, row.max_degree) == want
+        proc = kstate.PSTATE.pack(0, 1, 2, 0, 0, 0, 0, 0, b"p", *kstate.MMSTATE.unpack(raw))
+        dump = StateDump(mms={}, procs={5: proc},
+                         families={9: kstate.FAMSTATE.pack(3, 1, big[0], 0, *hists[0])},
+                         global_sums=[0] * kstate.G_NR, depths=[])
+        st = KernelState.decode(dump)
+        f = st.processes[5].figures
+        assert (f.max_depth, f.max_chain, f.max_degree) == want
+        assert st.families[9].max_depth == want[0]
 
 
 def test_exiting_process_reports_its_copy_not_its_shrinking_mm() -> None:

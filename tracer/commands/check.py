@@ -5,10 +5,10 @@ from typing import Any
 
 from tracer.errors import AnontraceError
 from tracer.kernel.bcc_glue import import_bcc
-from tracer.kernel.bpf_session import TraceOptions, TraceSession
+from tracer.kernel.bpf_session import TraceOptions, TraceSession, auto_order
 from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import KernelEnv, read_lockdown
-from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, plan_backend
+from tracer.kernel.probes import LOGICAL_PROBES, plan_backend
 
 
 def run_check(env: KernelEnv) -> dict[str, Any]:
@@ -34,13 +34,18 @@ def run_check(env: KernelEnv) -> dict[str, Any]:
         "transport": "ringbuf" if facts.ringbuf_available else "perf",
         # Where the tracepoint backend keeps each task's pending allocations.
         "task_state": "task storage" if facts.task_storage else "hash map",
+        # Whether a task can be preempted inside our fentry (and iterator)
+        # programs, and inside the tracepoint ones (docs/state.md "Preemption").
+        "preemptible": {"fentry": facts.programs_preemptible,
+                        "tracepoint": facts.tracepoint_preemptible},
         "slab_sizes": {"anon_vma": facts.av_slab_size, "anon_vma_chain": facts.avc_slab_size},
         "backends": {},
         "backend": None,
         "probes": [],
     }
     chosen = None
-    for backend in BACKENDS:
+    # In the order auto tries them: the first that works is auto's.
+    for backend in auto_order(facts):
         entry = _try_backend(backend, facts)
         report["backends"][backend] = {k: v for k, v in entry.items() if k != "probes"}
         if entry["ok"] and chosen is None:
@@ -94,6 +99,9 @@ def format_check(report: dict[str, Any]) -> str:
         f"kprobes    {'available' if report['kprobes_available'] else 'unavailable'}",
         f"transport  {report['transport']}",
         f"task state {report['task_state']} (tracepoint backend)",
+        "preempts   " + (", ".join(k for k, v in report["preemptible"].items() if v)
+                         + " programs (auto prefers kprobes)"
+                         if any(report["preemptible"].values()) else "none of our programs"),
         "",
         f"backend    {report['backend'] or 'NONE: nothing can trace on this kernel'}",
     ]

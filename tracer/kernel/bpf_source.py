@@ -47,6 +47,9 @@ class BuildOptions:
     exit_mmap_tracepoint: bool = False
     kmem_raw: tuple[int, int] | None = None  # cache argument positions (raw tracepoints)
     task_storage: bool = False  # per-task pending state in task storage, not a hash
+    # Each task builds its events in its own scratch (task storage), not a
+    # per-CPU one: where the kernel can preempt a task inside our programs.
+    scratch_per_task: bool = False
     object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
     max_chain: int = 128
@@ -59,16 +62,25 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class MapSizes:
-    """Entries of the state maps. The defaults hold a host with 10,000
-    processes and 1,000,000 live anon_vmas; an insert into a full map is
-    counted (anontrace_map_full_total) and recovered by a census."""
+    """Entries of the state maps, and how they get their memory. The
+    defaults hold a host with 10,000 processes and 1,000,000 live anon_vmas;
+    an insert into a full map is counted (anontrace_map_full_total) and
+    recovered by a census.
+
+    ``preallocate``: allocate every entry when the maps are created, as
+    older kernels must. Where the kernel lets tracing programs use maps that
+    allocate as entries come (compat: no_prealloc_tracing), that is the
+    default: memory follows use, but every insert and delete goes through the
+    kernel's BPF allocator, about a third of what the programs cost per fork
+    under a fork storm (docs/state.md, "Map memory"). Preallocated, the maps
+    hold their maxima's memory from the start."""
 
     vmas: int = 1_310_720
     anon_vmas: int = 1_048_576
-    mm_anon_vmas: int = 1_310_720
     mms: int = 32_768
     processes: int = 65_536
     families: int = 32_768
+    preallocate: bool = False
 
 
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
@@ -110,6 +122,8 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
     if opts.task_storage:
         d["HAVE_TASK_STORAGE"] = None
+    if opts.scratch_per_task:
+        d["SCRATCH_PER_TASK"] = None
     if opts.object_events:
         d["OBJECT_EVENTS"] = None
     if opts.ringbuf:
@@ -132,13 +146,12 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["WITH_STATE"] = None
         d["ST_VMA_MAX"] = sizes.vmas
         d["ST_AV_MAX"] = sizes.anon_vmas
-        d["ST_MMAV_MAX"] = sizes.mm_anon_vmas
         d["ST_MM_MAX"] = sizes.mms
         d["ST_PROC_MAX"] = sizes.processes
         d["ST_FAM_MAX"] = sizes.families
         # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front,
         # where tracing programs may use such maps (compat: no_prealloc_tracing).
-        d["ST_MAP_FLAGS"] = 0 if opts.prealloc else 1
+        d["ST_MAP_FLAGS"] = 0 if opts.prealloc or sizes.preallocate else 1
     return ([f"-I{BPF_DIR}"] +
             [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in sorted(d.items())])
 

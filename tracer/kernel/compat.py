@@ -13,6 +13,7 @@ change (docs/kernels.md says so too); a hash is never guessed.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tracer.kernel.btf import Btf, BtfError
@@ -117,6 +118,25 @@ CHANGES: tuple[KernelChange, ...] = (
         "kallsyms: bpf_mem_alloc (the allocator of 7c8199e24fa0, same release)",
         "tracing programs may use hash maps that allocate as entries come "
         "(BPF_F_NO_PREALLOC); before, the state maps are preallocated"),
+    KernelChange(
+        "preemptible_tracepoints", None,
+        "tracing: Guard __DECLARE_TRACE() use of __DO_TRACE_CALL() with SRCU-fast", "v7.0",
+        "kallsyms: init_srcu_struct_fast (the SRCU-fast API of the same series), and the "
+        "preemption model in /sys/kernel/debug/sched/preempt",
+        "tracepoint programs run with migration, not preemption, disabled: on a full or "
+        "lazy preemption model a task preempted inside one makes the next task on that CPU "
+        "skip it; serve warns that such skipped runs may be rmap operations (counting them "
+        "is an open defect)"),
+    KernelChange(
+        "preemptible_trampoline", None,
+        "bpf: Use migrate_disable/enable in trampoline code", "v5.7",
+        "the preemption model in /sys/kernel/debug/sched/preempt; where that is closed, the "
+        "build configuration and preempt= on the command line; failing both, "
+        "preempt_schedule in kallsyms",
+        "fentry/fexit and iterator programs run with migration, not preemption, disabled: "
+        "on a full or lazy model a task preempted inside an fentry program makes the next "
+        "task on that CPU skip it (counted lost), so auto prefers kprobes, which run with "
+        "preemption disabled, and every program builds its event in per-task scratch"),
 )
 
 _BY_KEY = {c.key: c for c in CHANGES}
@@ -186,6 +206,35 @@ def ringbuf_available(kallsyms: Kallsyms) -> bool:
 def task_storage_available(kallsyms: Kallsyms) -> bool:
     """Task-local storage reachable from tracing programs (task_storage)."""
     return "bpf_task_storage_get" in kallsyms and "bpf_get_current_task_btf" in kallsyms
+
+
+def programs_preemptible(kallsyms: Kallsyms, preempt_model: str | None) -> bool:
+    """Whether the kernel can preempt a task inside a BPF program that runs
+    with migration, not preemption, disabled (fentry/fexit and iterators
+    always: "bpf: Use migrate_disable/enable in trampoline code", v5.7;
+    tracepoint programs since preemptible_tracepoints). Kprobe programs run
+    with preemption disabled on every kernel. Under the none or voluntary
+    model a BPF program has no preemption point; under full, lazy or rt it
+    can be preempted anywhere. ``preempt_model`` is
+    /sys/kernel/debug/sched/preempt, whose current model is in parentheses
+    ("none voluntary full (lazy)"), or None where it cannot be read (no
+    debugfs, or a kernel without dynamic preemption): then preempt_schedule
+    in kallsyms, built only where the kernel preempts (CONFIG_PREEMPTION)."""
+    current = re.search(r"\((\w+)\)", preempt_model or "")
+    if current:
+        return current.group(1) not in ("none", "voluntary")
+    return "preempt_schedule" in kallsyms
+
+
+def tracepoint_programs_preemptible(kallsyms: Kallsyms, preempt_model: str | None) -> bool:
+    """Whether a task can be preempted inside a BPF program on a tracepoint
+    (preemptible_tracepoints). Before that change tracepoints ran their
+    callbacks with preemption disabled, so only interrupts nested in our
+    programs. After it they hold SRCU-fast and BPF disables migration only,
+    so the preemption model decides (programs_preemptible)."""
+    if "init_srcu_struct_fast" not in kallsyms:
+        return False
+    return programs_preemptible(kallsyms, preempt_model)
 
 
 def no_prealloc_allowed(kallsyms: Kallsyms) -> bool:

@@ -13,8 +13,10 @@ from tracer.kernel.compat import (
     kmem_free_has_name,
     kmem_raw_cache_args,
     no_prealloc_allowed,
+    programs_preemptible,
     ringbuf_available,
     task_storage_available,
+    tracepoint_programs_preemptible,
 )
 from tracer.kernel.headers import Headers, HeadersError, find_headers
 from tracer.kernel.kernel_env import (
@@ -22,6 +24,7 @@ from tracer.kernel.kernel_env import (
     KernelEnv,
     KernelEnvError,
     ensure_tracefs,
+    preempt_model,
     slab_object_size,
     tracepoint_fields,
     tracepoint_format,
@@ -55,6 +58,12 @@ class KernelFacts:
     avc_slab_size: int | None
     headers: Headers | None
     headers_error: str | None
+    # Skipped runs of tracepoint programs may be other tasks' operations
+    # (tracer.kernel.compat.tracepoint_programs_preemptible).
+    tracepoint_preemptible: bool = False
+    # A task can be preempted inside an fentry, fexit or iterator program
+    # (tracer.kernel.compat.programs_preemptible).
+    programs_preemptible: bool = False
 
 
 def read_kernel_facts(env: KernelEnv) -> KernelFacts:
@@ -75,6 +84,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
     except BtfError as exc:
         btf_error = str(exc)
     free_fmt = tracepoint_format(env, "kmem", "kmem_cache_free") or ""
+    model = preempt_model(env)
     try:
         headers, headers_error = find_headers(env), None
     except (HeadersError, OSError) as exc:
@@ -90,5 +100,7 @@ def read_kernel_facts(env: KernelEnv) -> KernelFacts:
         no_prealloc=no_prealloc_allowed(kallsyms),
         av_slab_size=slab_object_size(env, "anon_vma"),
         avc_slab_size=slab_object_size(env, "anon_vma_chain"),
-        headers=headers, headers_error=headers_error)
+        headers=headers, headers_error=headers_error,
+        tracepoint_preemptible=tracepoint_programs_preemptible(kallsyms, model),
+        programs_preemptible=programs_preemptible(kallsyms, model))
 

@@ -6,6 +6,7 @@ probe-resolution logic at files recorded from real machines.
 from __future__ import annotations
 
 import bisect
+import gzip
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ class KernelEnv:
     slabinfo: Path = Path("/proc/slabinfo")
     modules: Path = Path("/lib/modules")
     usr_src: Path = Path("/usr/src")
+    sched_preempt: Path = Path("/sys/kernel/debug/sched/preempt")
+    proc_config: Path = Path("/proc/config.gz")
+    boot: Path = Path("/boot")
+    cmdline: Path = Path("/proc/cmdline")
 
 
 @dataclass(frozen=True)
@@ -147,3 +152,56 @@ def ensure_tracefs(env: KernelEnv) -> None:
                              "/sys/kernel/tracing")
     if not Path("/sys/kernel/debug/tracing").exists():
         os.system("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null")
+
+
+def preempt_model(env: KernelEnv) -> str | None:
+    """The scheduler's preemption models with the current one in parentheses
+    (/sys/kernel/debug/sched/preempt). Where debugfs is closed (lockdown, or
+    not mounted) or the kernel has no dynamic preemption, the model is
+    worked out from the kernel's build configuration and command line
+    (preempt_model_from_config); None where neither can be read."""
+    try:
+        return env.sched_preempt.read_text()
+    except OSError:
+        pass
+    config = kernel_config(env)
+    if config is None:
+        return None
+    try:
+        cmdline = env.cmdline.read_text()
+    except OSError:
+        cmdline = ""
+    return preempt_model_from_config(config, cmdline)
+
+
+def kernel_config(env: KernelEnv) -> str | None:
+    """The running kernel's build configuration (/proc/config.gz, or
+    /boot/config-RELEASE), or None."""
+    try:
+        return gzip.decompress(env.proc_config.read_bytes()).decode(errors="replace")
+    except (OSError, EOFError, gzip.BadGzipFile):
+        pass
+    try:
+        return (env.boot / f"config-{env.release}").read_text(errors="replace")
+    except OSError:
+        return None
+
+
+_BUILT_MODELS = (("PREEMPT_RT", "full"), ("PREEMPT_LAZY", "lazy"), ("PREEMPT", "full"),
+                 ("PREEMPT_VOLUNTARY", "voluntary"), ("PREEMPT_NONE", "none"))
+
+
+def preempt_model_from_config(config: str, cmdline: str) -> str | None:
+    """The current preemption model, in the form of the debugfs file
+    ("(voluntary)"), from a kernel configuration and command line: the model
+    it was built with, which ``preempt=`` on the command line replaces where
+    the kernel has dynamic preemption (CONFIG_PREEMPT_DYNAMIC). RT counts as
+    full. None where the configuration names no model."""
+    opts = set(re.findall(r"^CONFIG_(\w+)=y$", config, re.M))
+    current = next((m for key, m in _BUILT_MODELS if key in opts), None)
+    if current is None:
+        return None
+    chosen = re.search(r"(?:^|\s)preempt=(none|voluntary|full|lazy)(?:\s|$)", cmdline)
+    if chosen and "PREEMPT_DYNAMIC" in opts and "PREEMPT_RT" not in opts:
+        current = chosen.group(1)
+    return f"({current})"

@@ -12,7 +12,7 @@ from tracer.kernel.kstate import G_NR, PSTATE_HEAD, StateDump, torn_reads
 
 Table = Callable[[str], Any]   # map name -> the loaded program's table
 
-STATE_MAPS = ("st_vma", "st_av", "st_mmav", "st_mm", "st_proc", "st_fam")
+STATE_MAPS = ("st_vma", "st_av", "st_mm", "st_proc", "st_fam")
 
 
 def dump_state(table: Table, families: bool = True) -> StateDump:
