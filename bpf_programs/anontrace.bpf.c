@@ -1294,35 +1294,115 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 // Raw tracepoints skip building the trace record (anontrace_compat.h:
 // kmem_cache_arg). Arguments: call_site, ptr, then the cache at the position
 // BTF gave.
-#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
-RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
+#define TPI_ALLOC 0        // the kmem programs, for TP_AGAIN
+#define TPI_FREE 1
+#ifdef TP_AGAIN
+// Where the kernel can preempt a task inside a tracepoint program
+// (docs/state.md, "Recursion misses"), it skips that program for every other
+// task on the CPU until the preempted one finishes it, and a skipped run can
+// be an anon_vma's or a chain entry's allocation or free. So each kmem
+// program has a second copy, attached after it (tracer.kernel.bpf_session),
+// that runs the body of every rmap-site call the first did not run. The
+// first marks each such call it runs in the task's storage (the object's
+// pointer) before its body; the second takes the mark back, or, finding
+// none, runs the body itself and counts a takeover. Interrupts never make
+// rmap-site calls, and a call the first copy could not mark (no storage) is
+// left to the second; one task's rmap-site calls never interleave, so each
+// runs once. A call both copies skip (two tasks preempted inside the two
+// programs on one CPU) is not seen: docs/state.md says so.
+struct tp_marks {
+    u64 ptr[2];            // per kmem program: the object of the call marked
+};
+BPF_TASK_STORAGE(tp_marks, struct tp_marks);
+BPF_PERCPU_ARRAY(tp_taken, u64, 2);
+
+// The first copy, before the body of an rmap-site call: run it (marked)?
+static __always_inline int tp_claim(int idx, u64 ptr)
 {
-    u32 site = site_of(ctx->args[0]);
-    if (!site || !wanted())
+    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                   BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!m)
         return 0;
-    u64 cache = KMEM_ALLOC_CACHE(ctx);
-    handle_alloc(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
-    return 0;
+    m->ptr[idx & 1] = ptr;
+    return 1;
+}
+
+// The second copy: the first did not run this call's body.
+static __always_inline int tp_unclaimed(int idx, u64 ptr)
+{
+    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (m && m->ptr[idx & 1] == ptr) {
+        m->ptr[idx & 1] = 0;
+        return 0;
+    }
+    u64 *t = tp_taken.lookup(&idx);
+    if (t)
+        __sync_fetch_and_add(t, 1);
+    return 1;
+}
+
+// ``relevant(ctx)``: the call is at an rmap site (and of a traced task where
+// that matters); ``body(ctx)`` handles it.
+#define KMEM_PROGRAMS(tp, idx, relevant, body)                              \
+RAW_TRACEPOINT_PROBE(tp)                                                   \
+{                                                                          \
+    if (relevant(ctx) && tp_claim(idx, ctx->args[1]))                      \
+        body(ctx);                                                         \
+    return 0;                                                              \
+}                                                                          \
+int tp_again__##tp(struct bpf_raw_tracepoint_args *ctx)                   \
+{                                                                          \
+    if (relevant(ctx) && tp_unclaimed(idx, ctx->args[1]))                  \
+        body(ctx);                                                         \
+    return 0;                                                              \
+}
+#else
+#define KMEM_PROGRAMS(tp, idx, relevant, body)                              \
+RAW_TRACEPOINT_PROBE(tp)                                                   \
+{                                                                          \
+    if (relevant(ctx))                                                     \
+        body(ctx);                                                         \
+    return 0;                                                              \
 }
 #endif
 
-RAW_TRACEPOINT_PROBE(kmem_cache_free)
+#if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
+static __always_inline int kmem_alloc_relevant(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 site = site_of(ctx->args[0]);
-    if (!site)
-        return 0;
-    int traced = wanted();
-#ifndef WITH_STATE
-    if (!traced)
-        return 0;
+    return site_of(ctx->args[0]) && wanted();
+}
+
+static __always_inline void kmem_alloc_body(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 cache = KMEM_ALLOC_CACHE(ctx);
+    handle_alloc(ctx, site_of(ctx->args[0]), rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
+}
+KMEM_PROGRAMS(kmem_cache_alloc, TPI_ALLOC, kmem_alloc_relevant, kmem_alloc_body)
 #endif
+
+static __always_inline int kmem_free_relevant(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef WITH_STATE
+    return site_of(ctx->args[0]) != 0;   // the state is undone whoever frees
+#else
+    return site_of(ctx->args[0]) && wanted();
+#endif
+}
+
+static __always_inline void kmem_free_body(struct bpf_raw_tracepoint_args *ctx)
+{
     u64 cache = KMEM_FREE_CACHE(ctx);
     // The anon_vma cache is never merged (it has a constructor), so its
     // object size identifies it among the objects rmap functions free.
-    handle_free(ctx, site, rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE, ctx->args[1],
-                traced);
-    return 0;
+#ifdef WITH_STATE
+    int traced = wanted();
+#else
+    int traced = 1;   // kmem_free_relevant asked
+#endif
+    handle_free(ctx, site_of(ctx->args[0]), rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE,
+                ctx->args[1], traced);
 }
+KMEM_PROGRAMS(kmem_cache_free, TPI_FREE, kmem_free_relevant, kmem_free_body)
 #else
 #if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc)

@@ -177,10 +177,17 @@ def _log_startup(session: Any) -> None:
             "(counted in recursion_misses); the kprobe backend has no such loss "
             "(docs/state.md 'Preemption')")
     if session.facts is not None and session.facts.tracepoint_preemptible:
-        log(logging.WARNING, "this kernel can preempt a task inside a tracepoint program: "
-            "skipped kmem runs (tracepoint_recursion_misses) may include anon_vma and "
-            "chain operations, which are then missing from the figures until a census "
-            "(docs/state.md 'Recursion misses'; not yet counted as lost)")
+        if session.kmem_copies:
+            log(logging.INFO, "this kernel can preempt a task inside a tracepoint program: "
+                "second copies of the kmem programs run the rmap-site calls the first "
+                "skipped (tracepoint_takeovers, not a loss); skipped process-event runs "
+                "are counted as lost "
+                "(docs/state.md 'Recursion misses')", copies=",".join(session.kmem_copies))
+        else:
+            log(logging.WARNING, "this kernel can preempt a task inside a tracepoint program "
+                "and the kmem programs cannot have second copies here (no task storage or "
+                "no raw kmem tracepoints): every skipped kmem run is counted as lost "
+                "(tracepoint_runs_lost; docs/state.md 'Recursion misses')")
 
 
 def _serve(cfg: ServeConfig, server: HttpServer, host: str,
@@ -432,8 +439,9 @@ def _state_loop(session: Any, kstate: StateServe, selection: Selection,
     synced_full = prev_full = 0
     losses = RateLimited("events lost or inserts refused by full maps since the last report")
     # Not losses (tracer.format.events.NOT_LOST): worth a debug line only.
-    skipped = RateLimited("tracepoint runs skipped under an interrupt since the last report "
-                          "(other caches' slab operations, not rmap events)",
+    skipped = RateLimited("tracepoint runs skipped under an interrupt (other caches' slab "
+                          "operations, not rmap events) or taken over by a second copy "
+                          "since the last report",
                           interval=600.0, level=logging.DEBUG)
     lost_prev = session.lost()
     full_prev = dict(kstate.map_full)

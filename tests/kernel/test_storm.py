@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_workload
 from tests.kernel.cli_run import start
-from tests.kernel.stack import ROOT, Serve, held_maps, named_copy, xfail_preempted_fentry
+from tests.kernel.stack import ROOT, Serve, held_maps, named_copy, xfail_preempted
 
 REGIONS = 16
 SECONDS = 3 if os.environ.get("ANONTRACE_GUEST") else 5
@@ -43,7 +43,7 @@ def test_fork_storm_is_lossless_and_the_run_ends(backend) -> None:
     assert forks > 100, done[0]
     final = run.reports[-1]
     assert final["final"] is True
-    xfail_preempted_fentry(backend, final["lost_events"])
+    xfail_preempted(backend, final["lost_events"])
     assert final["lost_events"] == 0 and final["partial"] is False, final["partial_reasons"]
     loop_pid = next(m["pid"] for m in run.workload if m.get("event") == "ready")
     children = [p for p in final["processes"] if p["ppid"] == loop_pid]

@@ -210,16 +210,28 @@ def test_pack_record_names_unknown_members() -> None:
 
 def test_tracepoint_recursion_misses_are_not_lost_rmap_ones_are() -> None:
     from tracer.format.events import lost_total
-    from tracer.kernel.bpf_session import is_tracepoint_program
+    from tracer.kernel.bpf_session import program_role
 
     assert lost_total({"output_full": 1, "tracepoint_recursion_misses": 500}) == 1
     assert lost_total({"recursion_misses": 2, "tracepoint_recursion_misses": 500}) == 2
+    # Skipped process-event runs are lost; kmem runs taken over by the
+    # second copies are not, the ones neither copy ran are.
+    assert lost_total({"lifecycle_recursion_misses": 3, "tracepoint_recursion_misses": 5}) == 3
+    assert lost_total({"tracepoint_takeovers": 40, "tracepoint_recursion_misses": 41}) == 0
+    assert lost_total({"tracepoint_runs_lost": 7, "tracepoint_recursion_misses": 7}) == 7
     # A recording made before the split: one count over every program, not a loss then.
     assert lost_total({"output_full": 1, "recursion_misses": 9}) == 1
     # Names as BCC gives them for the programs of bpf_programs/anontrace.bpf.c.
-    for name in (b"raw_tracepoint__kmem_cache_free", b"raw_tracepoint__sys_exit",
-                 b"tracepoint__kmem__kmem_cache_free", "raw_tracepoint__exit_mmap"):
-        assert is_tracepoint_program(name), name
-    for name in (b"kfunc__vmlinux__unlink_anon_vmas", b"kretfunc__vmlinux__anon_vma_fork",
-                 b"kp_fork_entry", b"kr_clone_exit"):
-        assert not is_tracepoint_program(name), name
+    roles = {b"raw_tracepoint__kmem_cache_free": "kmem",
+             b"tracepoint__kmem__kmem_cache_free": "kmem",
+             "raw_tracepoint__kmem_cache_alloc": "kmem",
+             b"tp_again__kmem_cache_alloc": "copy",
+             b"raw_tracepoint__sys_exit": "sys_exit",
+             "raw_tracepoint__exit_mmap": "lifecycle",
+             b"raw_tracepoint__sched_process_fork": "lifecycle",
+             b"raw_tracepoint__sched_process_free": "lifecycle",
+             b"kfunc__vmlinux__unlink_anon_vmas": "rmap",
+             b"kretfunc__vmlinux__anon_vma_fork": "rmap",
+             b"kp_fork_entry": "rmap", b"kr_clone_exit": "rmap"}
+    for name, role in roles.items():
+        assert program_role(name) == role, name

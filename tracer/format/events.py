@@ -88,13 +88,17 @@ def pack_record(**values: int | bytes) -> bytes:
                        for name, code in WIRE_FIELDS))
 LOSS_COUNTERS = ("output_full", "kprobe_args_full", "exit_without_entry",
                  "pending_full", "filter_full", "scratch_failed")
-# Counted and shown, but never a lost rmap event: runs of a tracepoint
-# program the kernel skipped because it was already running on that CPU.
-# Tracepoint programs run with preemption disabled, so only an interrupt (hard
-# or soft irq, NMI) can nest in one, and interrupt context never allocates or
-# frees an anon_vma or a chain entry, forks, execs or exits: the skipped run
-# was another slab operation (docs/state.md, "Recursion misses").
-NOT_LOST = ("tracepoint_recursion_misses",)
+# Counted and shown, but never a lost rmap event (tracer.kernel.bpf_session.
+# TraceSession._recursion_misses; docs/state.md, "Recursion misses"):
+# runs of a kmem or syscall-exit tracepoint program the kernel skipped because
+# it was already running on that CPU. Where tracepoint programs run with
+# preemption disabled only an interrupt (hard or soft irq, NMI) can nest in
+# one, and interrupt context never allocates or frees an anon_vma or a chain
+# entry: the skipped run was another slab operation. Where the kernel can
+# preempt them, the programs' second copies run the rmap-site calls the first
+# skipped (tracepoint_takeovers, shown); without the copies every skipped kmem
+# run is counted apart as lost (tracepoint_runs_lost).
+NOT_LOST = ("tracepoint_recursion_misses", "tracepoint_takeovers")
 
 
 def lost_total(lost: dict[str, int]) -> int:

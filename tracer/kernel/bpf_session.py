@@ -31,6 +31,7 @@ from tracer.kernel.bcc_glue import (
     COMPILER_LIB,
     MADV_DONTNEED,
     AttachFailed,
+    attach_raw_tracepoint_copy,
     captured_stderr,
     clean_mappings,
     import_bcc,
@@ -41,7 +42,14 @@ from tracer.kernel.bcc_glue import (
     settle_heap,
     verifier_hint,
 )
-from tracer.kernel.bpf_source import CENSUS_PROGRAM, MAIN_PROGRAM, BuildOptions, MapSizes, cflags
+from tracer.kernel.bpf_source import (
+    CENSUS_PROGRAM,
+    MAIN_PROGRAM,
+    BuildOptions,
+    MapSizes,
+    cflags,
+    kmem_copies,
+)
 from tracer.kernel.compat import change
 from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import (
@@ -129,6 +137,8 @@ class TraceSession:
         self._stream = EventStream(derive=False)
         self._state_iter: Any = None
         self.facts_seconds = 0.0   # reading kallsyms, BTF and tracefs
+        # kmem tracepoints whose program has a second copy attached (TP_AGAIN).
+        self.kmem_copies: tuple[str, ...] = ()
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> TraceSession:
@@ -273,6 +283,7 @@ class TraceSession:
             task_storage=facts.task_storage,
             # tracepoint_preemptible implies programs_preemptible.
             scratch_per_task=facts.task_storage and facts.programs_preemptible,
+            tp_again=facts.tracepoint_preemptible,
             object_events=self.options.object_events,
             ringbuf_pages=self.options.ringbuf_pages,
             events=self.options.events or not self._state_for(plan),
@@ -313,6 +324,12 @@ class TraceSession:
             raise AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
+        self.kmem_copies = kmem_copies(plan, facts.layout, opts)
+        for tp in self.kmem_copies:
+            try:
+                attach_raw_tracepoint_copy(self._bpf, tp, f"tp_again__{tp}")
+            except Exception as exc:  # BCC raises bare Exception
+                raise AttachFailed(f"{tp} (second copy): {last_line(str(exc))}") from exc
         if opts.filter_pids:
             table = self._bpf[b"filter"]
             for pid in self.options.pids:
@@ -520,18 +537,40 @@ class TraceSession:
     def _recursion_misses(self) -> dict[str, int]:
         """Program runs the kernel skipped because the program was already
         running on that CPU (bpf_prog_info.recursion_misses; compat:
-        recursion_misses), split by program kind: ``recursion_misses`` for
-        programs on rmap functions (fentry/fexit and kprobes run preemptible
-        or nest in another task's run: each miss is an operation lost),
-        ``tracepoint_recursion_misses`` for tracepoint programs (interrupts
-        only where tracepoints disable preemption: never an rmap event,
-        tracer.format.events.NOT_LOST; where the kernel can preempt a task
-        inside them, KernelFacts.tracepoint_preemptible, that does not hold:
-        docs/state.md "Recursion misses", an open defect)."""
-        out = {"recursion_misses": 0, "tracepoint_recursion_misses": 0}
+        recursion_misses), by what a skipped run can have been
+        (:func:`program_role`; docs/state.md "Recursion misses"):
+
+        * ``recursion_misses``: programs on rmap functions; each an operation lost;
+        * ``lifecycle_recursion_misses``: the fork, exec, exit, free and
+          exit_mmap programs; each a process event lost;
+        * ``tracepoint_recursion_misses``: the kmem and syscall-exit programs
+          (and their second copies). Where tracepoint programs run with
+          preemption disabled only an interrupt nests in them, whose slab
+          operation is never an rmap one: shown, not lost
+          (tracer.format.events.NOT_LOST);
+        * where the kernel can preempt a task inside a tracepoint program
+          (KernelFacts.tracepoint_preemptible), a skipped kmem run may be an
+          anon_vma's or chain entry's: ``tracepoint_takeovers`` counts the
+          rmap-site calls the programs' second copies ran instead (shown);
+          without the copies (no task storage or no raw kmem tracepoints)
+          every skipped kmem run counts as lost, ``tracepoint_runs_lost``."""
+        out = {"recursion_misses": 0, "lifecycle_recursion_misses": 0,
+               "tracepoint_recursion_misses": 0}
+        kmem_first = 0
         for name, misses in self._fdinfo("recursion_misses"):
-            out["tracepoint_recursion_misses" if is_tracepoint_program(name)
-                else "recursion_misses"] += misses
+            role = program_role(name)
+            key = {"rmap": "recursion_misses", "lifecycle": "lifecycle_recursion_misses"}.get(
+                role, "tracepoint_recursion_misses")
+            out[key] += misses
+            if role == "kmem":
+                kmem_first += misses
+        if self.facts is None or not self.facts.tracepoint_preemptible:
+            return out
+        if not self.kmem_copies or self._bpf is None:
+            out["tracepoint_runs_lost"] = kmem_first
+            return out
+        table = self._bpf[b"tp_taken"]
+        out["tracepoint_takeovers"] = sum(int(sum(table[ctypes.c_int(i)])) for i in range(2))
         return out
 
     def lost_total(self) -> int:
@@ -544,13 +583,25 @@ class TraceSession:
         yield from self.drain()
 
 
-def is_tracepoint_program(name: bytes | str) -> bool:
-    """Whether a loaded program (by its function name in
-    bpf_programs/anontrace.bpf.c, as BCC names it) is attached to a
-    tracepoint (BCC's RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE prefixes)
-    rather than to an rmap function."""
+_LIFECYCLE_TRACEPOINTS = ("sched_process_fork", "sched_process_exec", "sched_process_exit",
+                          "sched_process_free", "exit_mmap")
+
+
+def program_role(name: bytes | str) -> str:
+    """What a loaded program (by its function name in
+    bpf_programs/anontrace.bpf.c, as BCC names it) watches: ``rmap`` (an
+    rmap function: fentry/fexit, kprobes), ``lifecycle`` (a process's fork,
+    exec, exit or free, an mm's teardown), ``kmem`` (the first copy of a
+    kmem program), ``copy`` (a second copy, TP_AGAIN) or ``sys_exit``."""
     text = name.decode() if isinstance(name, bytes) else name
-    return text.startswith(("raw_tracepoint__", "tracepoint__"))
+    if text.startswith("tp_again__"):
+        return "copy"
+    if not text.startswith(("raw_tracepoint__", "tracepoint__")):
+        return "rmap"
+    event = text.rsplit("__", 1)[-1]
+    if event in _LIFECYCLE_TRACEPOINTS:
+        return "lifecycle"
+    return "kmem" if event.startswith("kmem_cache_") else "sys_exit"
 
 
 def _census_marker(ts: int) -> bytes:

@@ -50,6 +50,9 @@ class BuildOptions:
     # Each task builds its events in its own scratch (task storage), not a
     # per-CPU one: where the kernel can preempt a task inside our programs.
     scratch_per_task: bool = False
+    # Second copies of the kmem programs (kmem_copies): where the kernel can
+    # preempt a task inside a tracepoint program.
+    tp_again: bool = False
     object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
     max_chain: int = 128
@@ -81,6 +84,24 @@ class MapSizes:
     processes: int = 65_536
     families: int = 32_768
     preallocate: bool = False
+
+
+def _kmem_raw(layout: KernelLayout, opts: BuildOptions) -> bool:
+    """The kmem programs are raw tracepoint programs (KMEM_RAW)."""
+    return opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets
+
+
+def kmem_copies(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> tuple[str, ...]:
+    """The kmem tracepoints whose program gets a second copy, attached after
+    it, that runs the body when the kernel skipped the first for a task
+    preempted inside it (TP_AGAIN in anontrace.bpf.c; docs/state.md
+    "Recursion misses"): asked for (``tp_again``), task storage (the
+    marks) and raw kmem programs. The allocation program exists on the
+    tracepoint backend and with object events only."""
+    if not (opts.tp_again and opts.task_storage and _kmem_raw(layout, opts)):
+        return ()
+    alloc = plan.backend == "tracepoint" or opts.object_events
+    return ("kmem_cache_alloc",) * alloc + ("kmem_cache_free",)
 
 
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
@@ -117,9 +138,12 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["KMEM_FREE_HAS_NAME"] = None
     if opts.exit_mmap_tracepoint:
         d["HAVE_EXIT_MMAP_TP"] = None
-    if opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets:
+    if _kmem_raw(layout, opts):
+        assert opts.kmem_raw is not None
         d["KMEM_RAW"] = None
         d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
+    if kmem_copies(plan, layout, opts):
+        d["TP_AGAIN"] = None
     if opts.task_storage:
         d["HAVE_TASK_STORAGE"] = None
     if opts.scratch_per_task:
