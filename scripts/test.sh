@@ -119,6 +119,9 @@ if [ "$guests" = 1 ]; then
         # budget); 6.12 runs fentry and the automatic choice.
         methods="auto fentry kprobe"
         [ "$series" = 6.12 ] && methods="auto fentry"
+        # 7.2 preempts tracepoint programs: its tracepoint pass runs the
+        # family tests through the kmem programs' second copies.
+        [ "$series" = 7.2 ] && methods="auto fentry kprobe tracepoint"
         echo "== kernel tests: Debian $series under QEMU ($methods), two guests"
         # Each method's tests are split in two shards (whole modules,
         # balanced by measured guest time: tests/kernel/conftest.py), each
