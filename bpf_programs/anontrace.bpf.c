@@ -899,6 +899,93 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
     submit(ctx, e);
 }
 
+// ------------------------------------------------ tracepoint program copies
+// Where the kernel can preempt a task inside a tracepoint program
+// (docs/state.md, "Recursion misses"), it skips that program for every other
+// task on the CPU until the preempted one finishes it: a skipped kmem run can
+// be an anon_vma's or a chain entry's allocation or free, a skipped
+// process-event run a fork, exec, exit or teardown. So each such program has
+// a second copy, attached after it (tracer.kernel.bpf_session), that runs the
+// body of every call the first did not run (TP_AGAIN). The first marks each
+// call it runs in the task's storage (the call's object: the slab object, the
+// child, the task, the mm) before its body; the second takes the mark back,
+// or, finding none, runs the body itself and counts a takeover. kmem calls
+// elsewhere than at an rmap site (other caches, interrupts) are ignored by
+// both; a call the first copy could not mark (no storage) is left to the
+// second. One task's calls of one program never interleave (interrupts make
+// no rmap-site slab calls and no process events), so each call runs once. A
+// call both copies skip (two tasks preempted on one CPU, one inside each
+// copy) is not seen: docs/state.md says so.
+#define TPI_ALLOC 0
+#define TPI_FREE 1
+#define TPI_FORK 2
+#define TPI_EXEC 3
+#define TPI_EXIT 4
+#define TPI_EXIT_MMAP 5
+#define TPI_TASK_FREE 6
+#define TPI_NR 8
+#ifdef TP_AGAIN
+struct tp_marks {
+    u64 key[TPI_NR];       // per program: the object of the call marked
+};
+BPF_TASK_STORAGE(tp_marks, struct tp_marks);
+BPF_PERCPU_ARRAY(tp_taken, u64, TPI_NR);
+
+// The first copy, before a call's body: run it (marked)?
+static __always_inline int tp_claim(int idx, u64 key)
+{
+    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                   BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!m)
+        return 0;
+    m->key[idx & (TPI_NR - 1)] = key;
+    return 1;
+}
+
+// The second copy: the first did not run this call's body.
+static __always_inline int tp_unclaimed(int idx, u64 key)
+{
+    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (m && m->key[idx & (TPI_NR - 1)] == key) {
+        m->key[idx & (TPI_NR - 1)] = 0;
+        return 0;
+    }
+    u64 *t = tp_taken.lookup(&idx);
+    if (t)
+        __sync_fetch_and_add(t, 1);
+    return 1;
+}
+
+// ``relevant(ctx)``: the call concerns us; ``key``: its object, an argument
+// of the tracepoint; ``body(ctx)`` handles it.
+#define TP_PROGRAMS(tp, idx, relevant, key, body)                           \
+RAW_TRACEPOINT_PROBE(tp)                                                   \
+{                                                                          \
+    if (relevant(ctx) && tp_claim(idx, ctx->args[key]))                    \
+        body(ctx);                                                         \
+    return 0;                                                              \
+}                                                                          \
+int tp_again__##tp(struct bpf_raw_tracepoint_args *ctx)                   \
+{                                                                          \
+    if (relevant(ctx) && tp_unclaimed(idx, ctx->args[key]))                \
+        body(ctx);                                                         \
+    return 0;                                                              \
+}
+#else
+#define TP_PROGRAMS(tp, idx, relevant, key, body)                           \
+RAW_TRACEPOINT_PROBE(tp)                                                   \
+{                                                                          \
+    if (relevant(ctx))                                                     \
+        body(ctx);                                                         \
+    return 0;                                                              \
+}
+#endif
+
+static __always_inline int tp_always(struct bpf_raw_tracepoint_args *ctx)
+{
+    return 1;
+}
+
 #ifdef DERIVE_FROM_KMEM
 // Tracepoint backend. At kmem_cache_alloc the object is not initialised yet,
 // so each allocation waits in `pending` until the operation that made it has
@@ -1294,78 +1381,6 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
 // Raw tracepoints skip building the trace record (anontrace_compat.h:
 // kmem_cache_arg). Arguments: call_site, ptr, then the cache at the position
 // BTF gave.
-#define TPI_ALLOC 0        // the kmem programs, for TP_AGAIN
-#define TPI_FREE 1
-#ifdef TP_AGAIN
-// Where the kernel can preempt a task inside a tracepoint program
-// (docs/state.md, "Recursion misses"), it skips that program for every other
-// task on the CPU until the preempted one finishes it, and a skipped run can
-// be an anon_vma's or a chain entry's allocation or free. So each kmem
-// program has a second copy, attached after it (tracer.kernel.bpf_session),
-// that runs the body of every rmap-site call the first did not run. The
-// first marks each such call it runs in the task's storage (the object's
-// pointer) before its body; the second takes the mark back, or, finding
-// none, runs the body itself and counts a takeover. Interrupts never make
-// rmap-site calls, and a call the first copy could not mark (no storage) is
-// left to the second; one task's rmap-site calls never interleave, so each
-// runs once. A call both copies skip (two tasks preempted inside the two
-// programs on one CPU) is not seen: docs/state.md says so.
-struct tp_marks {
-    u64 ptr[2];            // per kmem program: the object of the call marked
-};
-BPF_TASK_STORAGE(tp_marks, struct tp_marks);
-BPF_PERCPU_ARRAY(tp_taken, u64, 2);
-
-// The first copy, before the body of an rmap-site call: run it (marked)?
-static __always_inline int tp_claim(int idx, u64 ptr)
-{
-    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0,
-                                                   BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!m)
-        return 0;
-    m->ptr[idx & 1] = ptr;
-    return 1;
-}
-
-// The second copy: the first did not run this call's body.
-static __always_inline int tp_unclaimed(int idx, u64 ptr)
-{
-    struct tp_marks *m = tp_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (m && m->ptr[idx & 1] == ptr) {
-        m->ptr[idx & 1] = 0;
-        return 0;
-    }
-    u64 *t = tp_taken.lookup(&idx);
-    if (t)
-        __sync_fetch_and_add(t, 1);
-    return 1;
-}
-
-// ``relevant(ctx)``: the call is at an rmap site (and of a traced task where
-// that matters); ``body(ctx)`` handles it.
-#define KMEM_PROGRAMS(tp, idx, relevant, body)                              \
-RAW_TRACEPOINT_PROBE(tp)                                                   \
-{                                                                          \
-    if (relevant(ctx) && tp_claim(idx, ctx->args[1]))                      \
-        body(ctx);                                                         \
-    return 0;                                                              \
-}                                                                          \
-int tp_again__##tp(struct bpf_raw_tracepoint_args *ctx)                   \
-{                                                                          \
-    if (relevant(ctx) && tp_unclaimed(idx, ctx->args[1]))                  \
-        body(ctx);                                                         \
-    return 0;                                                              \
-}
-#else
-#define KMEM_PROGRAMS(tp, idx, relevant, body)                              \
-RAW_TRACEPOINT_PROBE(tp)                                                   \
-{                                                                          \
-    if (relevant(ctx))                                                     \
-        body(ctx);                                                         \
-    return 0;                                                              \
-}
-#endif
-
 #if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 static __always_inline int kmem_alloc_relevant(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -1377,7 +1392,7 @@ static __always_inline void kmem_alloc_body(struct bpf_raw_tracepoint_args *ctx)
     u64 cache = KMEM_ALLOC_CACHE(ctx);
     handle_alloc(ctx, site_of(ctx->args[0]), rd(cache + OFF_KMEM_CACHE_SIZE, 4), ctx->args[1]);
 }
-KMEM_PROGRAMS(kmem_cache_alloc, TPI_ALLOC, kmem_alloc_relevant, kmem_alloc_body)
+TP_PROGRAMS(kmem_cache_alloc, TPI_ALLOC, kmem_alloc_relevant, 1, kmem_alloc_body)
 #endif
 
 static __always_inline int kmem_free_relevant(struct bpf_raw_tracepoint_args *ctx)
@@ -1402,7 +1417,7 @@ static __always_inline void kmem_free_body(struct bpf_raw_tracepoint_args *ctx)
     handle_free(ctx, site_of(ctx->args[0]), rd(cache + OFF_KMEM_CACHE_SIZE, 4) == AV_SLAB_SIZE,
                 ctx->args[1], traced);
 }
-KMEM_PROGRAMS(kmem_cache_free, TPI_FREE, kmem_free_relevant, kmem_free_body)
+TP_PROGRAMS(kmem_cache_free, TPI_FREE, kmem_free_relevant, 1, kmem_free_body)
 #else
 #if defined(DERIVE_FROM_KMEM) || defined(OBJECT_EVENTS)
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
@@ -1444,7 +1459,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
 
 
 // ------------------------------------------------------ process lifecycle
-RAW_TRACEPOINT_PROBE(sched_process_fork)
+static __always_inline int sched_process_fork_body(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 parent = ctx->args[0];
     u64 child = ctx->args[1];
@@ -1491,8 +1506,9 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     submit(ctx, e);
     return 0;
 }
+TP_PROGRAMS(sched_process_fork, TPI_FORK, tp_always, 1, sched_process_fork_body)
 
-RAW_TRACEPOINT_PROBE(sched_process_exec)
+static __always_inline int sched_process_exec_body(struct bpf_raw_tracepoint_args *ctx)
 {
     if (!wanted())
         return 0;
@@ -1522,8 +1538,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     submit(ctx, e);
     return 0;
 }
+TP_PROGRAMS(sched_process_exec, TPI_EXEC, tp_always, 0, sched_process_exec_body)
 
-RAW_TRACEPOINT_PROBE(sched_process_exit)
+static __always_inline int sched_process_exit_body(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -1567,12 +1584,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     submit(ctx, e);
     return 0;
 }
+TP_PROGRAMS(sched_process_exit, TPI_EXIT, tp_always, 0, sched_process_exit_body)
 
 #if defined(HAVE_EXIT_MMAP_TP) && (defined(DERIVE_FROM_KMEM) || defined(WITH_STATE))
 // exit_mmap ends an mm's teardown (anontrace_compat.h: exit_mmap_tracepoint).
 // Where a task's exit event precedes exit_mm() (exit_event_before_exit_mm)
 // the derived backend flushes here too; the state forgets the mm.
-RAW_TRACEPOINT_PROBE(exit_mmap)
+static __always_inline int exit_mmap_body(struct bpf_raw_tracepoint_args *ctx)
 {
 #ifdef DERIVE_FROM_KMEM
     end_operation(ctx);
@@ -1582,6 +1600,7 @@ RAW_TRACEPOINT_PROBE(exit_mmap)
 #endif
     return 0;
 }
+TP_PROGRAMS(exit_mmap, TPI_EXIT_MMAP, tp_always, 0, exit_mmap_body)
 #endif
 
 #ifdef FILTER_ENABLED
@@ -1589,7 +1608,7 @@ RAW_TRACEPOINT_PROBE(exit_mmap)
 // tracepoint fires before exit_mm() (anontrace_compat.h:
 // exit_event_before_exit_mm), the mm teardown (the frees we want) comes after
 // it.
-RAW_TRACEPOINT_PROBE(sched_process_free)
+static __always_inline int sched_process_free_body(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 task = ctx->args[0];
     u32 tgid = rd(task + OFF_TASK_TGID, 4);
@@ -1597,6 +1616,7 @@ RAW_TRACEPOINT_PROBE(sched_process_free)
         filter.delete(&tgid);
     return 0;
 }
+TP_PROGRAMS(sched_process_free, TPI_TASK_FREE, tp_always, 0, sched_process_free_body)
 #endif
 
 #ifdef WITH_STATE

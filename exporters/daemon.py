@@ -177,17 +177,16 @@ def _log_startup(session: Any) -> None:
             "(counted in recursion_misses); the kprobe backend has no such loss "
             "(docs/state.md 'Preemption')")
     if session.facts is not None and session.facts.tracepoint_preemptible:
-        if session.kmem_copies:
+        if session.tp_copies:
             log(logging.INFO, "this kernel can preempt a task inside a tracepoint program: "
-                "second copies of the kmem programs run the rmap-site calls the first "
-                "skipped (tracepoint_takeovers, not a loss); skipped process-event runs "
-                "are counted as lost "
-                "(docs/state.md 'Recursion misses')", copies=",".join(session.kmem_copies))
+                "second copies of the tracepoint programs run the calls the first skipped "
+                "(tracepoint_takeovers, not a loss; docs/state.md 'Recursion misses')",
+                copies=",".join(session.tp_copies))
         else:
             log(logging.WARNING, "this kernel can preempt a task inside a tracepoint program "
-                "and the kmem programs cannot have second copies here (no task storage or "
-                "no raw kmem tracepoints): every skipped kmem run is counted as lost "
-                "(tracepoint_runs_lost; docs/state.md 'Recursion misses')")
+                "and its programs cannot have second copies here (no task storage): every "
+                "skipped kmem or process-event run is counted as lost "
+                "(docs/state.md 'Recursion misses')")
 
 
 def _serve(cfg: ServeConfig, server: HttpServer, host: str,

@@ -51,8 +51,9 @@ def preempted_loss(backend: str, lost: int) -> str | None:
     tasks on that CPU meanwhile (docs/state.md "Preemption", "Recursion
     misses"): with fentry forced there each skipped run is an rmap operation
     lost (recursion_misses; auto takes kprobes on such kernels); where
-    tracepoint programs can be preempted, a skipped process-event program is
-    a process event lost (lifecycle_recursion_misses). Reported as lost, so a
+    tracepoint programs can be preempted too, a task's scratch or marks the
+    kernel would not create while another task was preempted in a
+    task-storage call (scratch_failed, pending_full). Reported as lost, so a
     test that needs nothing lost shows it as xfail with this reason."""
     if not lost:
         return None
@@ -61,9 +62,8 @@ def preempted_loss(backend: str, lost: int) -> str | None:
                 "fentry programs (reported as lost; auto uses kprobes there: "
                 "docs/state.md 'Preemption')")
     if kernel_preempts(tracepoints=True):
-        return (f"{lost} events lost on a kernel that preempts tracepoint programs: skipped "
-                "runs of the process-event programs are reported as lost "
-                "(docs/state.md 'Recursion misses')")
+        return (f"{lost} events reported lost on a kernel that preempts tracepoint programs "
+                "(docs/state.md 'Preemption', 'Recursion misses')")
     return None
 
 

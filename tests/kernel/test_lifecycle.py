@@ -67,10 +67,10 @@ def test_no_events_lost(family: FamilyRun) -> None:
     misses = family.lost["tracepoint_recursion_misses"]
     if kernel_preempts(tracepoints=True):
         # The premise above fails where a task can be preempted inside a
-        # tracepoint program (sid's 7.2): there the kmem programs' second
-        # copies run the rmap-site calls the first skipped (docs/state.md
-        # "Recursion misses"), and their marks' task-storage allocations nest
-        # slab operations in the first copy, skipped by design: no bound.
+        # tracepoint program (sid's 7.2): there the programs' second copies
+        # run the calls the first skipped (docs/state.md "Recursion misses"),
+        # and their marks' task-storage allocations nest slab operations in
+        # the first copy, skipped by design: no bound.
         assert "tracepoint_takeovers" in family.lost, family.lost
         return
     bound = 10 if family.other_cpu_per_s < 0.25 else 10 + 1000 * family.other_cpu_per_s

@@ -168,30 +168,20 @@ def test_state_maps_preallocated_when_the_kernel_needs_it_or_the_config_asks() -
     assert flags(prealloc=False, preallocate=True) == "0"    # the config asks
 
 
-def test_kmem_copies_only_where_asked_raw_and_state_only() -> None:
-    from tracer.kernel.bpf_source import kmem_copies
+def test_tracepoint_copies_where_asked_with_task_storage() -> None:
+    from tracer.kernel.bpf_source import tracepoint_copies
 
-    b = kfix.btf("6.18")
-    layout = read_layout(b)
-    raw = BuildOptions(kmem_raw=(2, 2), tp_again=True, task_storage=True, state=True,
-                       events=False)
-    assert "KMEM_CACHE_SIZE" in layout.offsets
+    on = BuildOptions(kmem_raw=(2, 2), tp_again=True, task_storage=True)
+    assert tracepoint_copies(on) and "TP_AGAIN" in defines("6.18", "tracepoint", on)
+    for off in (BuildOptions(tp_again=True), BuildOptions(task_storage=True)):
+        assert not tracepoint_copies(off) and "TP_AGAIN" not in defines("6.18", "tracepoint", off)
 
-    def copies(backend: str, opts: BuildOptions) -> tuple[str, ...]:
-        plan = plan_backend(backend, kfix.kallsyms("6.18"), b, True)
-        got = kmem_copies(plan, layout, opts)
-        assert ("TP_AGAIN" in cflags_defines(backend, opts)) == bool(got)
-        return got
 
-    def cflags_defines(backend: str, opts: BuildOptions) -> dict[str, str | None]:
-        return defines("6.18", backend, opts, btf=b)
+def test_every_copied_tracepoint_has_its_copy_in_the_program() -> None:
+    # The loader attaches tp_again__<tracepoint> where the object has it.
+    from tracer.kernel.bpf_source import COPIED_TRACEPOINTS
 
-    assert copies("tracepoint", raw) == ("kmem_cache_alloc", "kmem_cache_free")
-    # The other backends load the free program only (anon_vma frees).
-    assert copies("fentry", raw) == ("kmem_cache_free",)
-    from dataclasses import replace
-    assert copies("tracepoint", replace(raw, tp_again=False)) == ()
-    assert copies("tracepoint", replace(raw, kmem_raw=None)) == ()
-    assert copies("tracepoint", replace(raw, task_storage=False)) == ()
-    # The marks make each call run once: event builds have them too.
-    assert copies("tracepoint", replace(raw, events=True, state=False)) == copies("tracepoint", raw)
+    text = MAIN_PROGRAM.read_text()
+    for tp in COPIED_TRACEPOINTS:
+        assert f"TP_PROGRAMS({tp}, " in text, tp
+    assert "int tp_again__##tp(" in text

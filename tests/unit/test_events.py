@@ -210,7 +210,7 @@ def test_pack_record_names_unknown_members() -> None:
 
 def test_tracepoint_recursion_misses_are_not_lost_rmap_ones_are() -> None:
     from tracer.format.events import lost_total
-    from tracer.kernel.bpf_session import program_role
+    from tracer.kernel.bpf_session import program_role, tracepoint_of
 
     assert lost_total({"output_full": 1, "tracepoint_recursion_misses": 500}) == 1
     assert lost_total({"recursion_misses": 2, "tracepoint_recursion_misses": 500}) == 2
@@ -235,3 +235,6 @@ def test_tracepoint_recursion_misses_are_not_lost_rmap_ones_are() -> None:
              b"kp_fork_entry": "rmap", b"kr_clone_exit": "rmap"}
     for name, role in roles.items():
         assert program_role(name) == role, name
+    assert tracepoint_of(b"tp_again__kmem_cache_alloc") == "kmem_cache_alloc"
+    assert tracepoint_of("tracepoint__kmem__kmem_cache_free") == "kmem_cache_free"
+    assert tracepoint_of(b"kp_fork_entry") is None

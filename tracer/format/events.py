@@ -95,9 +95,9 @@ LOSS_COUNTERS = ("output_full", "kprobe_args_full", "exit_without_entry",
 # preemption disabled only an interrupt (hard or soft irq, NMI) can nest in
 # one, and interrupt context never allocates or frees an anon_vma or a chain
 # entry: the skipped run was another slab operation. Where the kernel can
-# preempt them, the programs' second copies run the rmap-site calls the first
-# skipped (tracepoint_takeovers, shown); without the copies every skipped kmem
-# run is counted apart as lost (tracepoint_runs_lost).
+# preempt them, the programs' second copies run the calls the first skipped
+# (tracepoint_takeovers, shown); without the copies every skipped kmem run is
+# counted apart as lost (tracepoint_runs_lost).
 NOT_LOST = ("tracepoint_recursion_misses", "tracepoint_takeovers")
 
 

@@ -55,17 +55,21 @@ def new_bpf(bcc: Any, **kwargs: Any) -> Any:
         raise
 
 
-def attach_raw_tracepoint_copy(bpf: Any, tp: str, fn_name: str) -> None:
+def attach_raw_tracepoint_copy(bpf: Any, tp: str, fn_name: str) -> bool:
     """Attach ``fn_name`` to raw tracepoint ``tp`` beside the program BCC
     attached there already (BPF.attach_raw_tracepoint takes one program per
-    tracepoint). Detached by the object's cleanup like BCC's own."""
+    tracepoint), if the compiled object has that function; whether it had.
+    Detached by the object's cleanup like BCC's own."""
     bcc = import_bcc()
+    if not bcc.libbcc.lib.bpf_function_start(bpf.module, fn_name.encode()):
+        return False
     fn = bpf.load_func(fn_name.encode(), bcc.BPF.RAW_TRACEPOINT)
     fd = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, tp.encode())
     if fd < 0:
         raise AnontraceError(f"attaching {fn_name} to raw tracepoint {tp} failed ({fd})")
     # cleanup() detaches (closes) every fd in this dict, whatever its key.
     bpf.raw_tracepoint_fds[f"{tp}#{fn_name}".encode()] = fd
+    return True
 
 
 COMPILER_LIB = re.compile(r"/lib(LLVM|clang)[^/]*\.so")

@@ -44,11 +44,11 @@ from tracer.kernel.bcc_glue import (
 )
 from tracer.kernel.bpf_source import (
     CENSUS_PROGRAM,
+    COPIED_TRACEPOINTS,
     MAIN_PROGRAM,
     BuildOptions,
     MapSizes,
     cflags,
-    kmem_copies,
 )
 from tracer.kernel.compat import change
 from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
@@ -137,8 +137,8 @@ class TraceSession:
         self._stream = EventStream(derive=False)
         self._state_iter: Any = None
         self.facts_seconds = 0.0   # reading kallsyms, BTF and tracefs
-        # kmem tracepoints whose program has a second copy attached (TP_AGAIN).
-        self.kmem_copies: tuple[str, ...] = ()
+        # Tracepoints whose program has a second copy attached (TP_AGAIN).
+        self.tp_copies: tuple[str, ...] = ()
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> TraceSession:
@@ -324,12 +324,14 @@ class TraceSession:
             raise AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
-        self.kmem_copies = kmem_copies(plan, facts.layout, opts)
-        for tp in self.kmem_copies:
+        copies = []
+        for tp in COPIED_TRACEPOINTS:
             try:
-                attach_raw_tracepoint_copy(self._bpf, tp, f"tp_again__{tp}")
+                if attach_raw_tracepoint_copy(self._bpf, tp, f"tp_again__{tp}"):
+                    copies.append(tp)
             except Exception as exc:  # BCC raises bare Exception
                 raise AttachFailed(f"{tp} (second copy): {last_line(str(exc))}") from exc
+        self.tp_copies = tuple(copies)
         if opts.filter_pids:
             table = self._bpf[b"filter"]
             for pid in self.options.pids:
@@ -542,35 +544,36 @@ class TraceSession:
 
         * ``recursion_misses``: programs on rmap functions; each an operation lost;
         * ``lifecycle_recursion_misses``: the fork, exec, exit, free and
-          exit_mmap programs; each a process event lost;
-        * ``tracepoint_recursion_misses``: the kmem and syscall-exit programs
-          (and their second copies). Where tracepoint programs run with
-          preemption disabled only an interrupt nests in them, whose slab
-          operation is never an rmap one: shown, not lost
-          (tracer.format.events.NOT_LOST);
-        * where the kernel can preempt a task inside a tracepoint program
-          (KernelFacts.tracepoint_preemptible), a skipped kmem run may be an
-          anon_vma's or chain entry's: ``tracepoint_takeovers`` counts the
-          rmap-site calls the programs' second copies ran instead (shown);
-          without the copies (no task storage or no raw kmem tracepoints)
-          every skipped kmem run counts as lost, ``tracepoint_runs_lost``."""
+          exit_mmap programs without a second copy; each a process event lost;
+        * ``tracepoint_recursion_misses``: the kmem and syscall-exit programs,
+          and every program whose second copy (TP_AGAIN, where the kernel
+          can preempt a task inside a tracepoint program) runs the calls it
+          skipped; shown, not lost (tracer.format.events.NOT_LOST). Without
+          copies, only interrupts nest in the kmem programs, and their slab
+          calls are never rmap ones;
+        * ``tracepoint_takeovers``: the calls the second copies ran (shown);
+        * ``tracepoint_runs_lost``: where the kernel can preempt tracepoint
+          programs but the kmem programs have no copies, their skipped runs,
+          lost."""
         out = {"recursion_misses": 0, "lifecycle_recursion_misses": 0,
                "tracepoint_recursion_misses": 0}
-        kmem_first = 0
+        preemptible = self.facts is not None and self.facts.tracepoint_preemptible
         for name, misses in self._fdinfo("recursion_misses"):
             role = program_role(name)
-            key = {"rmap": "recursion_misses", "lifecycle": "lifecycle_recursion_misses"}.get(
-                role, "tracepoint_recursion_misses")
-            out[key] += misses
-            if role == "kmem":
-                kmem_first += misses
-        if self.facts is None or not self.facts.tracepoint_preemptible:
-            return out
-        if not self.kmem_copies or self._bpf is None:
-            out["tracepoint_runs_lost"] = kmem_first
-            return out
-        table = self._bpf[b"tp_taken"]
-        out["tracepoint_takeovers"] = sum(int(sum(table[ctypes.c_int(i)])) for i in range(2))
+            copied = tracepoint_of(name) in self.tp_copies
+            if role == "rmap":
+                key = "recursion_misses"
+            elif role == "lifecycle" and not copied:
+                key = "lifecycle_recursion_misses"
+            elif role == "kmem" and preemptible and not copied:
+                key = "tracepoint_runs_lost"
+            else:
+                key = "tracepoint_recursion_misses"
+            out[key] = out.get(key, 0) + misses
+        if self.tp_copies and self._bpf is not None:
+            table = self._bpf[b"tp_taken"]
+            out["tracepoint_takeovers"] = sum(int(sum(table[ctypes.c_int(i)]))
+                                              for i in range(8))
         return out
 
     def lost_total(self) -> int:
@@ -587,18 +590,27 @@ _LIFECYCLE_TRACEPOINTS = ("sched_process_fork", "sched_process_exec", "sched_pro
                           "sched_process_free", "exit_mmap")
 
 
+def tracepoint_of(name: bytes | str) -> str | None:
+    """The tracepoint a loaded program (by its function name, as BCC names
+    it) is attached to, or None for programs on rmap functions."""
+    text = name.decode() if isinstance(name, bytes) else name
+    if not text.startswith(("raw_tracepoint__", "tracepoint__", "tp_again__")):
+        return None
+    return text.rsplit("__", 1)[-1]
+
+
 def program_role(name: bytes | str) -> str:
     """What a loaded program (by its function name in
     bpf_programs/anontrace.bpf.c, as BCC names it) watches: ``rmap`` (an
     rmap function: fentry/fexit, kprobes), ``lifecycle`` (a process's fork,
-    exec, exit or free, an mm's teardown), ``kmem`` (the first copy of a
-    kmem program), ``copy`` (a second copy, TP_AGAIN) or ``sys_exit``."""
+    exec, exit or free, an mm's teardown), ``kmem`` (a kmem program),
+    ``copy`` (a second copy, TP_AGAIN) or ``sys_exit``."""
     text = name.decode() if isinstance(name, bytes) else name
+    event = tracepoint_of(text)
+    if event is None:
+        return "rmap"
     if text.startswith("tp_again__"):
         return "copy"
-    if not text.startswith(("raw_tracepoint__", "tracepoint__")):
-        return "rmap"
-    event = text.rsplit("__", 1)[-1]
     if event in _LIFECYCLE_TRACEPOINTS:
         return "lifecycle"
     return "kmem" if event.startswith("kmem_cache_") else "sys_exit"

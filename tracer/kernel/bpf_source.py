@@ -50,8 +50,8 @@ class BuildOptions:
     # Each task builds its events in its own scratch (task storage), not a
     # per-CPU one: where the kernel can preempt a task inside our programs.
     scratch_per_task: bool = False
-    # Second copies of the kmem programs (kmem_copies): where the kernel can
-    # preempt a task inside a tracepoint program.
+    # Second copies of the tracepoint programs (tracepoint_copies): where the
+    # kernel can preempt a task inside a tracepoint program.
     tp_again: bool = False
     object_events: bool = False  # every anon_vma/anon_vma_chain allocation and free
     max_depth: int = 128
@@ -91,17 +91,21 @@ def _kmem_raw(layout: KernelLayout, opts: BuildOptions) -> bool:
     return opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets
 
 
-def kmem_copies(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> tuple[str, ...]:
-    """The kmem tracepoints whose program gets a second copy, attached after
-    it, that runs the body when the kernel skipped the first for a task
-    preempted inside it (TP_AGAIN in anontrace.bpf.c; docs/state.md
-    "Recursion misses"): asked for (``tp_again``), task storage (the
-    marks) and raw kmem programs. The allocation program exists on the
-    tracepoint backend and with object events only."""
-    if not (opts.tp_again and opts.task_storage and _kmem_raw(layout, opts)):
-        return ()
-    alloc = plan.backend == "tracepoint" or opts.object_events
-    return ("kmem_cache_alloc",) * alloc + ("kmem_cache_free",)
+# Raw tracepoints whose program may have a second copy (TP_AGAIN in
+# anontrace.bpf.c; docs/state.md "Recursion misses"): the kmem ones where
+# they are raw tracepoints (KMEM_RAW) and the process-event ones.
+COPIED_TRACEPOINTS = ("kmem_cache_alloc", "kmem_cache_free", "sched_process_fork",
+                      "sched_process_exec", "sched_process_exit", "exit_mmap",
+                      "sched_process_free")
+
+
+def tracepoint_copies(opts: BuildOptions) -> bool:
+    """Whether the tracepoint programs get second copies, attached after
+    them, that run a call's body when the kernel skipped the first for a task
+    preempted inside it (TP_AGAIN): asked for (``tp_again``), and task
+    storage for the marks. Which programs exist depends on the build; the
+    loader attaches the copies the object has."""
+    return opts.tp_again and opts.task_storage
 
 
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
@@ -142,7 +146,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         assert opts.kmem_raw is not None
         d["KMEM_RAW"] = None
         d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
-    if kmem_copies(plan, layout, opts):
+    if tracepoint_copies(opts):
         d["TP_AGAIN"] = None
     if opts.task_storage:
         d["HAVE_TASK_STORAGE"] = None

@@ -125,8 +125,8 @@ CHANGES: tuple[KernelChange, ...] = (
         "preemption model in /sys/kernel/debug/sched/preempt",
         "tracepoint programs run with migration, not preemption, disabled: on a full or "
         "lazy preemption model a task preempted inside one makes the next task on that CPU "
-        "skip it: the kmem programs get second copies that run the rmap-site calls the "
-        "first skipped (TP_AGAIN); skipped process-event runs are counted as lost"),
+        "skip it: the tracepoint programs get second copies that run the calls the first "
+        "skipped (TP_AGAIN)"),
     KernelChange(
         "preemptible_trampoline", None,
         "bpf: Use migrate_disable/enable in trampoline code", "v5.7",
