@@ -113,11 +113,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                   f"{preferred} pass (auto's method here) runs it "
                                   "(CI time budget)")
     # Where fentry is not auto's method (the kernel preempts fentry
-    # programs and counts the runs it skips as lost), the fentry pass runs
-    # the traced family only: that fentry works there and reports its losses.
+    # programs and counts the runs it skips as lost), the fentry and
+    # tracepoint passes run the traced family and the storm only
+    # (preempted_pass): that each works there and reports its losses.
     skip_fentry = pytest.mark.skip(reason=f"this kernel preempts our programs, so auto takes "
-                                   f"kprobes: the {test_backend()} pass runs the family tests "
-                                   "only (docs/state.md 'Preemption'; CI time budget)")
+                                   f"kprobes: the {test_backend()} pass runs the family and "
+                                   "storm tests only (docs/state.md 'Preemption'; CI time "
+                                   "budget)")
     here = Path(__file__).parent
     for item in items:
         # The hook sees every collected test of the session, not only ours.
@@ -127,7 +129,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if guest_auto and item.get_closest_marker("auto_pass") is None:
             item.add_marker(skip_auto)
         elif guest_other and preferred == "kprobe":
-            if item.get_closest_marker("auto_pass") is None:
+            if (item.get_closest_marker("auto_pass") is None
+                    and item.get_closest_marker("preempted_pass") is None):
                 item.add_marker(skip_fentry)
         elif guest_other and item.get_closest_marker("method_agnostic") is not None:
             item.add_marker(skip_other)
