@@ -185,3 +185,5 @@ def test_every_copied_tracepoint_has_its_copy_in_the_program() -> None:
     for tp in COPIED_TRACEPOINTS:
         assert f"TP_PROGRAMS({tp}, " in text, tp
     assert "int tp_again__##tp(" in text
+    from tracer.kernel.bpf_source import COPY_SLOTS
+    assert f"#define TPI_NR {COPY_SLOTS}\n" in text

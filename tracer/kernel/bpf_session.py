@@ -45,6 +45,7 @@ from tracer.kernel.bcc_glue import (
 from tracer.kernel.bpf_source import (
     CENSUS_PROGRAM,
     COPIED_TRACEPOINTS,
+    COPY_SLOTS,
     MAIN_PROGRAM,
     BuildOptions,
     MapSizes,
@@ -573,7 +574,7 @@ class TraceSession:
         if self.tp_copies and self._bpf is not None:
             table = self._bpf[b"tp_taken"]
             out["tracepoint_takeovers"] = sum(int(sum(table[ctypes.c_int(i)]))
-                                              for i in range(8))
+                                              for i in range(COPY_SLOTS))
         return out
 
     def lost_total(self) -> int:

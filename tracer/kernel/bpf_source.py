@@ -86,17 +86,13 @@ class MapSizes:
     preallocate: bool = False
 
 
-def _kmem_raw(layout: KernelLayout, opts: BuildOptions) -> bool:
-    """The kmem programs are raw tracepoint programs (KMEM_RAW)."""
-    return opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets
-
-
 # Raw tracepoints whose program may have a second copy (TP_AGAIN in
 # anontrace.bpf.c; docs/state.md "Recursion misses"): the kmem ones where
 # they are raw tracepoints (KMEM_RAW) and the process-event ones.
 COPIED_TRACEPOINTS = ("kmem_cache_alloc", "kmem_cache_free", "sched_process_fork",
                       "sched_process_exec", "sched_process_exit", "exit_mmap",
                       "sched_process_free")
+COPY_SLOTS = 8   # TPI_NR: the tp_taken counters, one per copied program
 
 
 def tracepoint_copies(opts: BuildOptions) -> bool:
@@ -142,8 +138,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["KMEM_FREE_HAS_NAME"] = None
     if opts.exit_mmap_tracepoint:
         d["HAVE_EXIT_MMAP_TP"] = None
-    if _kmem_raw(layout, opts):
-        assert opts.kmem_raw is not None
+    if opts.kmem_raw is not None and "KMEM_CACHE_SIZE" in layout.offsets:
         d["KMEM_RAW"] = None
         d["KMEM_ALLOC_CACHE_ARG"], d["KMEM_FREE_CACHE_ARG"] = opts.kmem_raw
     if tracepoint_copies(opts):
