@@ -908,11 +908,11 @@ static __always_inline void emit_av(void *ctx, u32 kind, u32 site, u64 av, u32 f
 // a second copy, attached after it (tracer.kernel.bpf_session), that runs the
 // body of every call the first did not run (TP_AGAIN). The first marks each
 // call it runs in the task's storage (the call's object: the slab object, the
-// child, the task, the mm) before its body; the second takes the mark back,
-// or, finding none, runs the body itself and counts a takeover. kmem calls
-// elsewhere than at an rmap site (other caches, interrupts) are ignored by
-// both; a call the first copy could not mark (no storage) is left to the
-// second. One task's calls of one program never interleave (interrupts make
+// child, the exec's binprm, the exiting or freed task, the mm) before its
+// body; the second takes the mark back, or, finding none, runs the body
+// itself and counts a takeover. kmem calls elsewhere than at an rmap site
+// (other caches, interrupts) are ignored by both; a call the first copy could
+// not mark (no storage) is left to the second. One task's calls of one program never interleave (interrupts make
 // no rmap-site slab calls and no process events), so each call runs once. A
 // call both copies skip (two tasks preempted on one CPU, one inside each
 // copy) is not seen: docs/state.md says so.
@@ -1538,7 +1538,7 @@ static __always_inline int sched_process_exec_body(struct bpf_raw_tracepoint_arg
     submit(ctx, e);
     return 0;
 }
-TP_PROGRAMS(sched_process_exec, TPI_EXEC, tp_always, 0, sched_process_exec_body)
+TP_PROGRAMS(sched_process_exec, TPI_EXEC, tp_always, 2, sched_process_exec_body)
 
 static __always_inline int sched_process_exit_body(struct bpf_raw_tracepoint_args *ctx)
 {
