@@ -14,7 +14,7 @@ watch=$!
 watch="$watch $!"
 for m in $methods; do
     echo "== guest $(uname -r) $m, shard $shard/2"
-    ANONTRACE_SHARD=$shard/2 ANONTRACE_GUEST=1 ANONTRACE_TEST_BACKEND=$m "$py" -m pytest -q -rs \
+    ANONTRACE_SHARD=$shard/2 ANONTRACE_GUEST=1 ANONTRACE_TEST_BACKEND=$m "$py" -m pytest -q -rsx \
         --durations=8 -p no:cacheprovider --basetemp="/tmp/pytest-$m-$shard" tests/kernel \
         > "$results/$series-$m-$shard.log" 2>&1
     echo $? > "$results/$series-$m-$shard.rc"

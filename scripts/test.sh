@@ -40,7 +40,7 @@ status=0
 run_pytest() {  # label, then pytest arguments
     local label=$1
     shift
-    "$py" -m pytest -q -rs --durations=8 -p no:cacheprovider "$@" 2>&1 | tee "$results/$label.log"
+    "$py" -m pytest -q -rsx --durations=8 -p no:cacheprovider "$@" 2>&1 | tee "$results/$label.log"
     local rc=${PIPESTATUS[0]}
     echo "$rc" > "$results/$label.rc"
     [ "$rc" = 0 ] || status=1
@@ -50,7 +50,7 @@ run_shards() {  # label, then pytest arguments: two concurrent shards (see below
     local label=$1 s rc pids=()
     shift
     for s in 1 2; do
-        ANONTRACE_SHARD=$s/2 "$py" -m pytest -q -rs --durations=8 -p no:cacheprovider \
+        ANONTRACE_SHARD=$s/2 "$py" -m pytest -q -rsx --durations=8 -p no:cacheprovider \
             --basetemp="/tmp/pytest-$label-$s" "$@" > "$results/$label-$s.log" 2>&1 &
         pids+=($!)
     done

@@ -45,7 +45,7 @@ def auto_method() -> str:
     return "kprobe" if kernel_preempts() else "fentry"
 
 
-def preempted_loss(backend: str, lost: int) -> str | None:
+def preempted_loss(backend: str, lost: int, detail: object = "") -> str | None:
     """Why a run may report losses, or None, where the kernel can preempt a
     task inside our programs and the kernel skips a program for the other
     tasks on that CPU meanwhile (docs/state.md "Preemption", "Recursion
@@ -54,23 +54,25 @@ def preempted_loss(backend: str, lost: int) -> str | None:
     tracepoint programs can be preempted too, a task's scratch or marks the
     kernel would not create while another task was preempted in a
     task-storage call (scratch_failed, pending_full). Reported as lost, so a
-    test that needs nothing lost shows it as xfail with this reason."""
+    test that needs nothing lost shows it as xfail with this reason, which
+    ends with ``detail`` (what the report said was lost)."""
     if not lost:
         return None
+    said = f"; {detail}" if detail else ""
     if backend == "fentry" and kernel_preempts():
         return (f"{lost} operations lost with fentry forced on a kernel that preempts "
                 "fentry programs (reported as lost; auto uses kprobes there: "
-                "docs/state.md 'Preemption')")
+                f"docs/state.md 'Preemption'){said}")
     if kernel_preempts(tracepoints=True):
         return (f"{lost} events reported lost on a kernel that preempts tracepoint programs "
-                "(docs/state.md 'Preemption', 'Recursion misses')")
+                f"(docs/state.md 'Preemption', 'Recursion misses'){said}")
     return None
 
 
-def xfail_preempted(backend: str, lost: int) -> None:
+def xfail_preempted(backend: str, lost: int, detail: object = "") -> None:
     """A test that needs nothing lost shows a preempted_loss as xfail,
     never as a pass."""
-    reason = preempted_loss(backend, lost)
+    reason = preempted_loss(backend, lost, detail)
     if reason:
         pytest.xfail(reason)
 

@@ -33,7 +33,8 @@ def _reported_loss(request: pytest.FixtureRequest, family: FamilyRun) -> None:
     the family's: its exact figures, and test_no_events_lost, are then
     expected to fail, visibly (xfail, not strict; tests.kernel.stack.
     preempted_loss)."""
-    reason = preempted_loss(family.backend, lost_total(family.lost))
+    reason = preempted_loss(family.backend, lost_total(family.lost),
+                            {k: v for k, v in family.lost.items() if v})
     if reason:
         request.node.add_marker(pytest.mark.xfail(reason=reason, strict=False))
 
