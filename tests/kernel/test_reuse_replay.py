@@ -38,7 +38,7 @@ def test_recorded_reproducer_replays_under_the_reuse_rules(reproducer_bin, backe
     reports = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(reports) == len(run.reports)
     # An operation lost leaves the replay without a fork the maps counted.
-    xfail_preempted(backend, run.reports[-1]["lost_events"], run.reports[-1]["partial_reasons"])
+    xfail_preempted(backend, run.reports[-1]["lost_events"], run.reports[-1]["lost_by_reason"])
     assert run.reports[-1]["lost_events"] == 0, run.reports[-1]["partial_reasons"]
     for r in reports:
         k = r["rules"]["kernel"]

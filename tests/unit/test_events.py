@@ -221,6 +221,12 @@ def test_tracepoint_recursion_misses_are_not_lost_rmap_ones_are() -> None:
     assert lost_total({"tracepoint_runs_lost": 7, "tracepoint_recursion_misses": 7}) == 7
     # A recording made before the split: one count over every program, not a loss then.
     assert lost_total({"output_full": 1, "recursion_misses": 9}) == 1
+    from tracer.format.events import lost_by_reason
+    assert lost_by_reason({"output_full": 1, "recursion_misses": 9, "perf_lost": 0}) == {
+        "output_full": 1}
+    assert lost_by_reason({"recursion_misses": 2, "tracepoint_recursion_misses": 5,
+                           "tracepoint_takeovers": 3, "scratch_failed": 0}) == {
+        "recursion_misses": 2}
     # Names as BCC gives them for the programs of bpf_programs/anontrace.bpf.c.
     roles = {b"raw_tracepoint__kmem_cache_free": "kmem",
              b"tracepoint__kmem__kmem_cache_free": "kmem",

@@ -346,10 +346,13 @@ def test_replay_equals_feeding_the_model(recorded: Recorded) -> None:
 
 
 def test_replay_reports_lost_counters(recorded: Recorded) -> None:
-    recorded.write(lost={"output_full": 2, "perf_lost": 3})
+    recorded.write(lost={"output_full": 2, "perf_lost": 3, "undecodable": 0,
+                         "tracepoint_recursion_misses": 40, "tracepoint_takeovers": 9})
     reports, rc = replay(recorded.path)
     assert rc == 7
     assert all(r["lost_events"] == 5 for r in reports)
+    # What lost_events is made of: the counters that count, not the shown ones.
+    assert all(r["lost_by_reason"] == {"output_full": 2, "perf_lost": 3} for r in reports)
     assert reports[-1]["partial_reasons"][0].startswith("5 events lost")
 
 

@@ -20,7 +20,7 @@ from tracer.commands.report import build_report
 from tracer.commands.rmap_report import RmapMeter
 from tracer.commands.state_report import StateReporter
 from tracer.errors import AnontraceError
-from tracer.format.events import Event, decode_many, lost_total
+from tracer.format.events import Event, decode_many, lost_by_reason, lost_total
 from tracer.kernel.procs import proc_comm, proc_ppid, require_pids
 from tracer.model.hierarchy import Model
 from tracer.model.types import CENSUS_MISSING_REASON
@@ -305,11 +305,18 @@ def _state_peek(reporter: StateReporter, session: Any) -> None:
     reporter.report(session.read_state(families=False), time.time(), 0, final=False)
 
 
+def _with_losses(report: dict[str, Any], lost: dict[str, int]) -> dict[str, Any]:
+    """The report with what its lost_events is made of (README "Loss counters")."""
+    report["lost_by_reason"] = lost_by_reason(lost)
+    return report
+
+
 def _state_tick(reporter: StateReporter, session: Any, emit: Emit, final: bool) -> None:
+    lost = session.lost()
     report, gone = reporter.report(session.read_state(families=False), time.time(),
-                                   session.lost_total(), final)
+                                   lost_total(lost), final)
     session.forget_processes(gone)
-    emit(report)
+    emit(_with_losses(report, lost))
 
 
 def _tick(tracker: Tracker, session: Any, emit: Emit, writer: RecordingWriter | None,
@@ -323,7 +330,7 @@ def _tick(tracker: Tracker, session: Any, emit: Emit, writer: RecordingWriter | 
             writer.end({**meta, "exit_status": exit_status})
         else:
             writer.tick(meta)
-    emit(tracker.report(when, total, final))
+    emit(_with_losses(tracker.report(when, total, final), lost))
 
 
 def run_replay(path: Path, emit: Emit) -> int:
@@ -337,7 +344,12 @@ def run_replay(path: Path, emit: Emit) -> int:
     backend = str(header.get("backend", "unknown"))
     tracker = Tracker(backend, list(header.get("processes", [])), header.get("census_missing"))
     stream = EventStream(derive=backend == "tracepoint", keep_objects=True)
-    last_time, last_lost = 0.0, 0
+    last_time = 0.0
+    last_lost: dict[str, int] = {}
+
+    def report(final: bool) -> dict[str, Any]:
+        return _with_losses(tracker.report(last_time, lost_total(last_lost), final), last_lost)
+
     try:
         for frame in reader.frames():
             if frame.kind == EVENTS:
@@ -346,20 +358,20 @@ def run_replay(path: Path, emit: Emit) -> int:
                 continue
             meta = frame.meta or {}
             last_time = float(meta.get("time", last_time))
-            last_lost = lost_total(meta.get("lost", {}))
+            last_lost = meta.get("lost", {})
             if frame.kind == TICK:
-                emit(tracker.report(last_time, last_lost, final=False))
+                emit(report(final=False))
             elif frame.kind == END:
                 tracker.feed(stream.flush())
-                emit(tracker.report(last_time, last_lost, final=True))
+                emit(report(final=True))
                 return int(meta.get("exit_status", 0))
     except RecordingError as exc:
         tracker.feed(stream.flush())
         tracker.model.add_reason(f"recording unreadable from byte offset {exc.offset}")
-        emit(tracker.report(last_time, last_lost, final=True))
+        emit(report(final=True))
         raise AnontraceError(str(exc)) from exc
     # No END frame: the recording run was killed. Report what there is.
     tracker.feed(stream.flush())
     tracker.model.add_reason("recording has no end marker (the run was killed)")
-    emit(tracker.report(last_time, last_lost, final=True))
+    emit(report(final=True))
     raise AnontraceError(f"{path}: recording ends without an end marker (truncated?)")

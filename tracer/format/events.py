@@ -101,14 +101,21 @@ LOSS_COUNTERS = ("output_full", "kprobe_args_full", "exit_without_entry",
 NOT_LOST = ("tracepoint_recursion_misses", "tracepoint_takeovers")
 
 
-def lost_total(lost: dict[str, int]) -> int:
-    """Events lost, from a session's (or a recording's) loss counters."""
+def lost_by_reason(lost: dict[str, int]) -> dict[str, int]:
+    """The loss counters that count as lost and are not zero, by name, from
+    a session's (or a recording's) counters: what a report's lost_events
+    is made of."""
     not_lost: tuple[str, ...] = NOT_LOST
     if "tracepoint_recursion_misses" not in lost:
         # Recorded before the split: recursion_misses summed every program's
         # skipped runs and was shown, not counted.
         not_lost += ("recursion_misses",)
-    return sum(int(v) for k, v in lost.items() if k not in not_lost)
+    return {k: int(v) for k, v in lost.items() if k not in not_lost and v}
+
+
+def lost_total(lost: dict[str, int]) -> int:
+    """Events lost, from a session's (or a recording's) loss counters."""
+    return sum(lost_by_reason(lost).values())
 
 
 @dataclass(slots=True)
