@@ -60,8 +60,8 @@ def preempted_loss(backend: str, lost: int, detail: object = "") -> str | None:
         return None
     said = f"; {detail}" if detail else ""
     if backend == "fentry" and kernel_preempts():
-        return (f"{lost} operations lost with fentry forced on a kernel that preempts "
-                "fentry programs (reported as lost; auto uses kprobes there: "
+        return (f"{lost} events reported lost with fentry forced on a kernel that preempts "
+                "fentry programs (skipped runs, or task storage refused; auto uses kprobes there: "
                 f"docs/state.md 'Preemption'){said}")
     if kernel_preempts(tracepoints=True):
         return (f"{lost} events reported lost on a kernel that preempts tracepoint programs "
