@@ -15,11 +15,11 @@ from typing import Protocol
 from tracer.format.events import safe_comm
 from tracer.kernel.kstate import KernelState, ProcRow
 from tracer.model.hierarchy import Model
-from tracer.model.rmap import RmapFigures, RmapSnapshot
+from tracer.model.rmap import RmapFigures, RmapSummary
 from tracer.model.types import Process
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessRow:
     pid: int
     comm: str
@@ -33,7 +33,7 @@ class ProcessRow:
     rmap_links: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FamilyRow:
     family: str          # the pid that created the root anon_vmas
     comm: str
@@ -55,7 +55,7 @@ class Snapshot:
     processes: list[ProcessRow] = field(default_factory=list)
     families: list[FamilyRow] = field(default_factory=list)
     learned_depths: dict[int, int] = field(default_factory=dict)
-    rmap: RmapSnapshot | None = None   # the last rmap census, if any
+    rmap: RmapSummary | None = None    # the last rmap census's figures, if any
     rmap_time: float = 0.0             # when it ran (Unix time)
 
 
@@ -149,15 +149,20 @@ class TopView:
         """Exited processes read from the state maps (see :meth:`note_exited`)."""
         for r in rows:
             self._comms[r.pid] = r.comm
+        cands = [r for r in rows if r.figures.anon_vmas and self.eligible(r)]
+        if len(cands) > 4 * self.top_k + 64:
+            # A storm's thousands: only the best 2K could be kept (note_exited).
+            cands = heapq.nlargest(2 * self.top_k, cands,
+                                   key=lambda r: (r.figures.anon_vmas, r.figures.max_depth))
+        for r in cands:
             f = r.figures
-            if f.anon_vmas and self.eligible(r):
-                self._exited[r.pid] = (now, ProcessRow(r.pid, safe_comm(r.comm), f.anon_vmas,
-                                                       f.anon_vma_chains, f.max_depth,
-                                                       f.max_degree, False))
+            self._exited[r.pid] = (now, ProcessRow(r.pid, safe_comm(r.comm), f.anon_vmas,
+                                                   f.anon_vma_chains, f.max_depth,
+                                                   f.max_degree, False))
         self.note_exited([], now)   # bound what is kept
 
     def snapshot_state(self, state: KernelState, now: float,
-                       rmap: RmapSnapshot | None = None, rmap_time: float = 0.0) -> Snapshot:
+                       rmap: RmapSummary | None = None, rmap_time: float = 0.0) -> Snapshot:
         """The figures to export from the state maps (tracer.kernel.kstate): the
         same ranking, expiry and bounds as :meth:`snapshot`; the rmap widths
         of the live rows from ``rmap``, the last rmap census."""
@@ -255,7 +260,7 @@ class TopView:
         return rows
 
 
-def _widths(figures: dict[int, RmapFigures], pid: int, rmap: RmapSnapshot | None
+def _widths(figures: dict[int, RmapFigures], pid: int, rmap: RmapSummary | None
             ) -> tuple[int | None, int | None]:
     """(max width, links) of ``pid`` in the last census; Nones when no
     census ran or it did not see ``pid`` (started since)."""

@@ -195,3 +195,46 @@ def test_torn_reads_finds_alive_processes_whose_mm_the_dump_missed() -> None:
              4: proc(0xD, 0),                                     # exited
              5: proc(0, kstate.P_ALIVE)}                          # no mm known
     assert kstate.torn_reads(procs, mms) == [2]
+
+
+def test_decode_cache_reuses_unchanged_rows_and_only_those() -> None:
+    """serve decodes with a DecodeCache: over a run of dumps where entries
+    change, appear and go (an mm changing under an unchanged live process
+    included), every decode equals a decode without the cache, and an entry
+    whose bytes did not change keeps its row object."""
+    import random
+    rng = random.Random(4)
+    cache = kstate.DecodeCache()
+
+    def mm_raw() -> bytes:
+        return _mm_raw(rng.randint(1, 5), rng.randint(0, 9), rng.randint(0, 9), 3,
+                       (1, 2, 3, 4), {rng.randint(0, 5): 1}, {2: 1}, {0: rng.randint(0, 2)})
+
+    mms = {0x1000 + i: mm_raw() for i in range(20)}
+    procs = {100 + i: kstate.PSTATE.pack(0x1000 + i, 0, 1, kstate.P_ALIVE, 0, 0, 0, 0, b"p",
+                                         *struct.unpack(kstate.MMSTATE.format,
+                                                        bytes(kstate.MMSTATE.size)))
+             for i in range(20)}
+    fams = {100 + i: kstate.FAMSTATE.pack(i, 0, 63, 0, *([0] * NB)) for i in range(20)}
+    before: tuple[dict[int, bytes], KernelState] | None = None
+    reused = 0
+    for _ in range(30):
+        for key in rng.sample(sorted(mms), 3):
+            mms[key] = mm_raw()
+        gone = rng.choice(sorted(procs))
+        procs[gone] = kstate.PSTATE.pack(0, 5, 1, 0, 0, 0, 0, 0, b"x",
+                                         *kstate.MMSTATE.unpack(mms[0x1000 + gone - 100]))
+        fams[rng.choice(sorted(fams))] = kstate.FAMSTATE.pack(rng.randint(0, 9), 0, 63, 0,
+                                                              *([0] * NB))
+        dump = StateDump(mms=dict(mms), procs=dict(procs), families=dict(fams),
+                         global_sums=[0] * kstate.G_NR, depths=[])
+        got = KernelState.decode(dump, cache)
+        assert got == KernelState.decode(dump)
+        if before is not None:
+            old_mms, old_state = before
+            for mm, raw in mms.items():
+                if old_mms[mm] == raw:
+                    assert got.mms[mm] is old_state.mms[mm]
+                    reused += 1
+        before = (dict(mms), got)
+    assert reused > 400

@@ -25,8 +25,9 @@ from tracer.kernel.rmap_census import (
     RawCensus,
     decode_anon_vmas,
     decode_census,
+    summarize_chunks,
 )
-from tracer.model.rmap import AnonVmaRmap, RmapSnapshot
+from tracer.model.rmap import AnonVmaRmap, RmapFigures, RmapSnapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "rmap").glob("*-forkchain.json"))
@@ -193,8 +194,8 @@ def test_exporter_rmap_series(recorded) -> None:
     rows = [ProcessRow(7, "a", 3, 6, 2, 1, True, 5, 9),
             ProcessRow(8, "b", 2, 2, 1, 0, True)]          # not in the last census
     fams = [FamilyRow("7", "a", 3, 0, 2, 5, 9)]
-    got = scrape(ExportState(snapshot=Snapshot(processes=rows, families=fams, rmap=snap,
-                                                rmap_time=1700000000.0)))
+    got = scrape(ExportState(snapshot=Snapshot(processes=rows, families=fams,
+                                                rmap=snap.summary(), rmap_time=1700000000.0)))
     assert got["anontrace_rmap_width_max"] == [({}, snap.max_width)]
     assert got["anontrace_rmap_census_timestamp_seconds"] == [({}, 1700000000.0)]
     assert got["anontrace_process_rmap_width_max"] == [({"pid": "7", "comm": "a"}, 5)]
@@ -204,6 +205,39 @@ def test_exporter_rmap_series(recorded) -> None:
     none = scrape(ExportState(snapshot=Snapshot(processes=rows[1:])))
     assert "anontrace_rmap_width_max" not in none
     assert "anontrace_process_rmap_width_max" not in none
+
+
+def test_summed_as_read_equals_the_snapshot() -> None:
+    """serve sums the map chunk by chunk (RmapCensus.run_summary); the
+    figures equal those of the decoded snapshot, recorded runs, with a
+    stale entry of an older run left out and returned for deletion."""
+    for path in FIXTURES:
+        raw, _ = _load(path)
+        snap = decode_census(raw)
+        old = AV_VALUE.pack(0, 0xdead0000, 99, 1, 4242, 0, raw.gen - 1, 0)
+        entries = [*raw.anon_vmas.items(), (0xdead0000, old)]
+        chunks = [(b"".join(k.to_bytes(8, "little") for k, _ in entries[i:i + 7]),
+                   b"".join(v for _, v in entries[i:i + 7]), AV_VALUE.size)
+                  for i in range(0, len(entries), 7)]
+        acc, stale = summarize_chunks(chunks, raw.gen)
+        summary = acc.build()
+        assert stale == [0xdead0000]
+        # The definitions, spelled out (tracer/model/rmap.py's docstring).
+        avs = list(snap.anon_vmas.values())
+        root_owner = {a.anon_vma: a.owner for a in avs if a.root == a.anon_vma}
+
+        def figures(key, avs=avs):
+            out = {}
+            for k in {key(a) for a in avs} - {0}:
+                ws = [a.width for a in avs if key(a) == k]
+                out[k] = RmapFigures(len(ws), max(ws), sum(ws))
+            return out
+
+        assert summary.processes == figures(lambda a: a.owner) == snap.processes
+        assert summary.families == figures(lambda a, ro=root_owner: ro.get(a.root, 0)) \
+            == snap.families
+        assert summary.processes and summary.families
+        assert summary.max_width == max(a.width for a in avs) == snap.max_width
 
 
 @pytest.mark.parametrize("text,want", [("rmap_interval: 30s\n", 30.0),

@@ -13,6 +13,7 @@ import errno
 import gc
 import os
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,7 +149,7 @@ def read_iterator(bcc: Any, prog_fd: int) -> bytes:
         os.close(link)
 
 
-_DUMP_CHUNK = 4096
+_DUMP_CHUNK = 1024
 
 
 _ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for this map
@@ -158,17 +159,40 @@ def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
     """Every entry of a hash map, key (an unsigned int of ``key_size``
     bytes) -> raw value, with BPF_MAP_LOOKUP_BATCH (compat: lookup_batch) in chunks of a
     few thousand entries; entry by entry where the kernel has no batch ops."""
+    return dict(iter_hash(table, key_size))
+
+
+def iter_hash(table: Any, key_size: int) -> Iterator[tuple[int, bytes]]:
+    """A hash map's entries as :func:`dump_hash` reads them, one at a time:
+    a reader that keeps few of them never holds them all."""
+    key_format = {4: "<I", 8: "<Q"}.get(key_size)
+    for keys, values, vsize in hash_chunks(table, key_size):
+        if key_format is None:
+            ints = [int.from_bytes(keys[i:i + key_size], "little")
+                    for i in range(0, len(keys), key_size)]
+        else:
+            ints = [k for (k,) in struct.iter_unpack(key_format, keys)]
+        for i, key in enumerate(ints):
+            yield key, bytes(values[i * vsize:(i + 1) * vsize])
+
+
+def hash_chunks(table: Any, key_size: int
+                ) -> Iterator[tuple[memoryview, memoryview, int]]:
+    """A hash map's entries as chunks (keys packed, values packed, value
+    size), as BPF_MAP_LOOKUP_BATCH returns them: a reader that sums them
+    needs no object per entry. The views are of buffers the next chunk
+    reuses: copy what is kept. One chunk of everything where the kernel has
+    no batch ops."""
     from bcc import libbcc
 
     lib = libbcc.lib
     vsize = ctypes.sizeof(table.Leaf)
     count = _DUMP_CHUNK
-    out: dict[int, bytes] = {}
     token = ctypes.c_uint32(0)
     first = True
+    keys = ctypes.create_string_buffer(count * key_size)
+    values = ctypes.create_string_buffer(count * vsize)
     while True:
-        keys = ctypes.create_string_buffer(count * key_size)
-        values = ctypes.create_string_buffer(count * vsize)
         n = ctypes.c_uint32(count)
         out_token = ctypes.c_uint32(0)
         res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
@@ -176,17 +200,20 @@ def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
         err = ctypes.get_errno()
         if res != 0 and err == errno.ENOSPC and count < 1 << 20:
             count *= 4      # one bucket holds more entries than the chunk
+            keys = ctypes.create_string_buffer(count * key_size)
+            values = ctypes.create_string_buffer(count * vsize)
             continue
         if res != 0 and err not in (errno.ENOENT, 0):
             if first and err in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
-                return _dump_slow(table, key_size)
+                slow = _dump_slow(table, key_size)
+                yield (memoryview(b"".join(k.to_bytes(key_size, "little") for k in slow)),
+                       memoryview(b"".join(slow.values())), vsize)
+                return
             raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        kraw, vraw = keys.raw, values.raw
-        for i in range(n.value):
-            out[int.from_bytes(kraw[i * key_size:(i + 1) * key_size], "little")] = \
-                vraw[i * vsize:(i + 1) * vsize]
+        yield (memoryview(keys).cast("B")[:n.value * key_size],
+               memoryview(values).cast("B")[:n.value * vsize], vsize)
         if res != 0:
-            return out      # ENOENT: that was the last chunk
+            return          # ENOENT: that was the last chunk
         token = out_token
         first = False
 

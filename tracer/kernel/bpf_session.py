@@ -57,9 +57,9 @@ from tracer.kernel.kernel_env import (
     Kallsyms,
     KernelEnv,
 )
-from tracer.kernel.kstate import StateDump
+from tracer.kernel.kstate import DecodeCache, KernelState, StateDump
 from tracer.kernel.probes import BACKENDS, LOGICAL_PROBES, Plan, plan_backend
-from tracer.kernel.state_maps import clear_state, dump_state, forget_processes
+from tracer.kernel.state_maps import clear_state, dump_state, forget_processes, read_state
 from tracer.pipeline.stream import EventStream
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -442,6 +442,11 @@ class TraceSession:
         reads. ``families`` False skips the family map (a scrape between two
         refreshes)."""
         return dump_state(self._table, families)
+
+    def read_state_through(self, cache: DecodeCache) -> KernelState:
+        """The state maps decoded as they are read, reusing ``cache``'s rows
+        for unchanged entries (`serve`'s once-a-second read)."""
+        return read_state(self._table, cache)
 
     def forget_processes(self, pids: list[int]) -> None:
         """Delete exited processes from the state once they are reported."""

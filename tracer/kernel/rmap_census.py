@@ -24,6 +24,7 @@ from tracer.kernel.bcc_glue import (
     captured_stderr,
     delete_keys,
     dump_hash,
+    hash_chunks,
     import_bcc,
     iterator_error,
     new_bpf,
@@ -32,14 +33,16 @@ from tracer.kernel.bcc_glue import (
 from tracer.kernel.bpf_source import RMAP_PROGRAM, RmapOptions, rmap_cflags
 from tracer.kernel.facts import KernelFacts, read_kernel_facts, require_root
 from tracer.kernel.kernel_env import KernelEnv
-from tracer.model.rmap import AnonVmaRmap, ChainLink, RmapSnapshot
+from tracer.model.rmap import AnonVmaRmap, ChainLink, RmapSnapshot, RmapSummary, SummaryBuilder
 
 # struct rmap_av and struct rmap_link of rmap.bpf.c (tests/unit/test_rmap.py
 # compares these with the C text).
 AV_VALUE = struct.Struct("<QQIIIIII")
 AV_FIELDS = ("parent", "root", "width", "active", "owner", "children", "gen", "pad")
+KEY = struct.Struct("<Q")
 LINK = struct.Struct("<QQQQII")
 LINK_FIELDS = ("vm_start", "vm_end", "anon_vma", "chain_av", "tgid", "index")
+Buffer = bytes | memoryview
 STATS = ("vmas", "chain_entries", "truncated_chains", "refused", "shared_mm")
 
 
@@ -62,6 +65,25 @@ def decode_links(raw: bytes) -> list[ChainLink]:
     usable = len(raw) - len(raw) % LINK.size
     return [ChainLink(tgid, start, end, own, av, index)
             for start, end, own, av, tgid, index in LINK.iter_unpack(raw[:usable])]
+
+
+def summarize_chunks(chunks: Iterable[tuple[Buffer, Buffer, int]], gen: int
+                     ) -> tuple[SummaryBuilder, list[int]]:
+    """Sum the rmap_av entries of run ``gen`` (chunks of packed keys and
+    values, tracer.kernel.bcc_glue.hash_chunks) into a :class:`SummaryBuilder`;
+    also the keys older runs left."""
+    acc = SummaryBuilder()
+    stale: list[int] = []
+    for keys, values, vsize in chunks:
+        if vsize != AV_VALUE.size:
+            raise AnontraceError(f"rmap_av values are {vsize} bytes, expected {AV_VALUE.size}")
+        for (av,), (_, root, width, _, owner, _, g, _) in zip(
+                KEY.iter_unpack(keys), AV_VALUE.iter_unpack(values), strict=True):
+            if g != gen:
+                stale.append(av)
+            else:
+                acc.add(av, root, width, owner)
+    return acc, stale
 
 
 @dataclass
@@ -157,6 +179,28 @@ class RmapCensus:
     def run_raw(self, targets: Iterable[int] = ()) -> RawCensus:
         """One run's raw results (what :func:`decode_census` reads; the
         tests record them as fixtures)."""
+        links, stats = self._walk(targets)
+        assert self._bpf is not None
+        table = dump_hash(self._bpf[b"rmap_av"], 8)
+        return RawCensus(gen=self._gen, links=links, anon_vmas=table, stats=stats,
+                         counters=self._counters)
+
+    def run_summary(self) -> RmapSummary:
+        """The figures `serve` exports (:meth:`RmapSnapshot.summary`), summed
+        as the map is read: no object per anon_vma, so a host's hundreds of
+        thousands of them cost neither the time nor the memory."""
+        started = time.monotonic()
+        _, stats = self._walk(())
+        assert self._bpf is not None
+        table = self._bpf[b"rmap_av"]
+        acc, stale = summarize_chunks(hash_chunks(table, 8), self._gen)
+        delete_keys(table, stale)
+        return acc.build(seconds=time.monotonic() - started,
+                         truncated_chains=stats["truncated_chains"], refused=stats["refused"])
+
+    def _walk(self, targets: Iterable[int]) -> tuple[bytes, dict[str, int]]:
+        """Run the iterator once: the chain records of ``targets`` and the
+        run's counts (rmap_stats)."""
         if self._bpf is None:
             raise AnontraceError("rmap census not loaded")
         bcc = import_bcc()
@@ -173,8 +217,4 @@ class RmapCensus:
             links = read_iterator(bcc, self._fn.fd)
         except OSError as exc:
             raise AnontraceError(f"the rmap census could not run: {exc}") from exc
-        table = dump_hash(self._bpf[b"rmap_av"], 8)
-        return RawCensus(gen=self._gen, links=links, anon_vmas=table,
-                         stats={name: int(stats[ctypes.c_int(i)].value)
-                                for i, name in enumerate(STATS)},
-                         counters=self._counters)
+        return links, {name: int(stats[ctypes.c_int(i)].value) for i, name in enumerate(STATS)}

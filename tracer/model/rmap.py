@@ -16,8 +16,7 @@ creator lives.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 # A corrupt or concurrently rewritten parent chain must not loop forever.
@@ -100,23 +99,34 @@ class RmapSnapshot:
         return depth
 
     @cached_property
+    def _summary(self) -> RmapSummary:
+        acc = SummaryBuilder()
+        for a in self.anon_vmas.values():
+            acc.add(a.anon_vma, a.root, a.width, a.owner)
+        return acc.build()
+
+    def summary(self) -> RmapSummary:
+        """The per-process and per-family figures and the host's widest
+        anon_vma, without the anon_vmas themselves (what `serve` keeps)."""
+        return replace(self._summary, seconds=self.seconds,
+                       truncated_chains=self.truncated_chains, refused=self.refused)
+
+    @property
     def processes(self) -> dict[int, RmapFigures]:
         """Per process: the anon_vmas its VMAs point at, their largest and
         their summed width."""
-        return _group(self.anon_vmas.values(), lambda a: a.owner)
+        return self._summary.processes
 
-    @cached_property
+    @property
     def families(self) -> dict[int, RmapFigures]:
         """Per family, named by the process whose VMA points at its root:
         every anon_vma under that root."""
-        owner_of_root = {a.anon_vma: a.owner for a in self.anon_vmas.values()
-                         if a.root == a.anon_vma}
-        return _group(self.anon_vmas.values(), lambda a: owner_of_root.get(a.root, 0))
+        return self._summary.families
 
     @property
     def max_width(self) -> int:
         """The widest anon_vma on the host."""
-        return max((a.width for a in self.anon_vmas.values()), default=0)
+        return self._summary.max_width
 
     def links_of(self, tgid: int) -> list[ChainLink]:
         """The chain entries of ``tgid``'s VMAs, by address then chain position."""
@@ -124,19 +134,78 @@ class RmapSnapshot:
                       key=lambda lk: (lk.vm_start, lk.index))
 
 
-def _group(avs: Iterable[AnonVmaRmap], key: Callable[[AnonVmaRmap], int]
-           ) -> dict[int, RmapFigures]:
-    """Figures per ``key`` (0, no owner, is left out)."""
-    acc: dict[int, list[int]] = {}
-    for a in avs:
-        k = key(a)
-        if not k:
-            continue
-        f = acc.get(k)
-        if f is None:
-            acc[k] = [1, a.width, a.width]
-        else:
-            f[0] += 1
-            f[1] = max(f[1], a.width)
-            f[2] += a.width
+@dataclass(frozen=True)
+class RmapSummary:
+    """What the exporter keeps of one census: the figures it exports. A
+    host's hundreds of thousands of anon_vmas are not kept between censuses
+    (they were most of `serve`'s memory)."""
+
+    processes: dict[int, RmapFigures]
+    families: dict[int, RmapFigures]
+    max_width: int = 0
+    seconds: float = 0.0
+    truncated_chains: int = 0
+    refused: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chain entry was counted."""
+        return not (self.truncated_chains or self.refused)
+
+
+class SummaryBuilder:
+    """Accumulates :class:`RmapSummary` figures one anon_vma at a time, so a
+    census can be summed as it is read, without an object per anon_vma.
+
+    A process's figures cover the anon_vmas it owns; a family's, every
+    anon_vma under the roots its process owns (0, no owner, is left out)."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, list[int]] = {}   # owner -> [n, max, total]
+        self._roots: dict[int, list[int]] = {}    # root -> [n, max, total]
+        self._root_owner: dict[int, int] = {}
+        self.max_width = 0
+
+    def add(self, anon_vma: int, root: int, width: int, owner: int) -> None:
+        """One anon_vma of the census."""
+        if width > self.max_width:
+            self.max_width = width
+        if owner:
+            _add(self._owners, owner, width)
+            if root == anon_vma:
+                self._root_owner[anon_vma] = owner
+        _add(self._roots, root, width)
+
+    def build(self, seconds: float = 0.0, truncated_chains: int = 0,
+              refused: int = 0) -> RmapSummary:
+        """The summary of what was added, with the census's own counts."""
+        fams: dict[int, list[int]] = {}
+        for root, (n, mx, tot) in self._roots.items():
+            owner = self._root_owner.get(root, 0)
+            if not owner:
+                continue
+            f = fams.get(owner)
+            if f is None:
+                fams[owner] = [n, mx, tot]
+            else:
+                f[0] += n
+                f[1] = max(f[1], mx)
+                f[2] += tot
+        return RmapSummary(processes=_figures(self._owners), families=_figures(fams),
+                           max_width=self.max_width, seconds=seconds,
+                           truncated_chains=truncated_chains, refused=refused)
+
+
+def _add(acc: dict[int, list[int]], key: int, width: int) -> None:
+    f = acc.get(key)
+    if f is None:
+        acc[key] = [1, width, width]
+    else:
+        f[0] += 1
+        if width > f[1]:
+            f[1] = width
+        f[2] += width
+
+
+def _figures(acc: dict[int, list[int]]) -> dict[int, RmapFigures]:
     return {k: RmapFigures(n, mx, tot) for k, (n, mx, tot) in acc.items()}

@@ -76,7 +76,7 @@ class Process:
     exiting: bool = False       # its mm teardown at exit began (at_exit taken then)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessFigures:
     """The per-process figures (README "Definitions")."""
 
