@@ -22,7 +22,7 @@ from tracer.commands.top import Frame, TopTracker, View, Widths, WidthsProvider
 from tracer.commands.top_screen import run_curses, run_plain
 from tracer.errors import AnontraceError
 from tracer.kernel.facts import require_root
-from tracer.kernel.kstate import KernelState
+from tracer.kernel.kstate import DecodeCache
 
 SWEEP_S = 10.0      # processes whose exit was missed are looked for this often
 
@@ -83,6 +83,8 @@ class LiveSource:
         self._session: Any = None
         self._tracker: TopTracker | None = None
         self._next_sweep = 0.0
+        # The last read's rows: unchanged processes are not decoded again.
+        self._decoded = DecodeCache()
         self.first: Frame | None = None
 
     def __enter__(self) -> LiveSource:
@@ -131,7 +133,7 @@ class LiveSource:
         """Read the state maps now; forget the processes that are gone."""
         session, tracker = self._session, self._tracker
         assert session is not None and tracker is not None
-        state = KernelState.decode(session.read_state())
+        state = session.read_state_through(self._decoded)
         now = time.monotonic()
         session.forget_processes([pid for pid, r in state.processes.items() if r.exited])
         if now >= self._next_sweep:
