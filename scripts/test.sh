@@ -9,7 +9,8 @@
 #      on one host thread), with fentry forced (kprobe too on 6.1 and 7.2) and the
 #      automatic choice,
 # then prints one `kernel <release> <method>: N passed, M failed` line per
-# kernel and method, and a total.
+# kernel and method (`, X xfailed, Y xpassed` added when a pass had any),
+# and a total.
 # Usage: scripts/test.sh [--no-install] [--no-guests] [--guests-only=6.1,6.12,7.2]
 #   --guests-only runs only the named guest kernels (no lint, unit or host
 #   tests): for developers re-checking one kernel.
@@ -155,24 +156,35 @@ fi
 
 echo
 echo "== summary"
-# One line per kernel and method: the shards' lines added up.
-passed=0 failed=0
-declare -A kpass=() kfail=()
+# One line per kernel and method: the shards' lines added up (expected
+# failures and unexpected passes too, when a pass had any).
+passed=0 failed=0 xfailed=0 xpassed=0
+declare -A kpass=() kfail=() kxf=() kxp=()
 keys=()
+line_re='^kernel .+: [0-9]+ passed, [0-9]+ failed(, [0-9]+ xfailed, [0-9]+ xpassed)?$'
 while read -r line; do
-    key=$(sed -E 's/ \[shard [0-9]+\/[0-9]+\]//; s/: [0-9]+ passed, [0-9]+ failed$//' <<<"$line")
-    p=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed$/\1/' <<<"$line")
-    f=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed$/\2/' <<<"$line")
-    [ -n "${kpass[$key]+set}" ] || { keys+=("$key"); kpass[$key]=0; kfail[$key]=0; }
+    key=$(sed -E 's/ \[shard [0-9]+\/[0-9]+\]//; s/: [0-9]+ passed, [0-9]+ failed.*$//' <<<"$line")
+    p=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed.*$/\1/' <<<"$line")
+    f=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed.*$/\2/' <<<"$line")
+    xf=0 xp=0
+    if [[ $line =~ ([0-9]+)\ xfailed,\ ([0-9]+)\ xpassed$ ]]; then
+        xf=${BASH_REMATCH[1]} xp=${BASH_REMATCH[2]}
+    fi
+    [ -n "${kpass[$key]+set}" ] || { keys+=("$key"); kpass[$key]=0; kfail[$key]=0; kxf[$key]=0; kxp[$key]=0; }
     kpass[$key]=$((kpass[$key] + p)) kfail[$key]=$((kfail[$key] + f))
-    passed=$((passed + p)) failed=$((failed + f))
-done < <(grep -h -E '^kernel .+: [0-9]+ passed, [0-9]+ failed$' "$results"/*.log)
+    kxf[$key]=$((kxf[$key] + xf)) kxp[$key]=$((kxp[$key] + xp))
+    passed=$((passed + p)) failed=$((failed + f)) xfailed=$((xfailed + xf)) xpassed=$((xpassed + xp))
+done < <(grep -h -E "$line_re" "$results"/*.log)
 for key in "${keys[@]}"; do
-    echo "$key: ${kpass[$key]} passed, ${kfail[$key]} failed"
+    extra=""
+    if [ "${kxf[$key]}" -gt 0 ] || [ "${kxp[$key]}" -gt 0 ]; then
+        extra=", ${kxf[$key]} xfailed, ${kxp[$key]} xpassed"
+    fi
+    echo "$key: ${kpass[$key]} passed, ${kfail[$key]} failed$extra"
 done
 unit=$(grep -h -E '^[0-9]+ passed' "$results/unit.log" | tail -n 1)
 echo "unit tests: ${unit:-none}"
-echo "kernel: $passed passed, $failed failed"
+echo "kernel: $passed passed, $failed failed, $xfailed xfailed, $xpassed xpassed"
 if compgen -G "$results/*.crash" > /dev/null; then
     echo "guest kernel crashes, passes run again: $(cat "$results"/*.crash | paste -sd ';')"
 fi

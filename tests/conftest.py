@@ -45,7 +45,8 @@ def backend() -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print `kernel <release> <method>: N passed, M failed` for kernel tests."""
+    """Print `kernel <release> <method>: N passed, M failed` for kernel tests
+    (and `, X xfailed, Y xpassed` when there are any)."""
     stats = terminalreporter.stats
     def kernel_reports(key: str) -> int:
         return sum(1 for r in stats.get(key, [])
@@ -54,11 +55,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                    and (key != "failed" or r.when in ("call", "setup"))
                    and (key != "passed" or r.when == "call"))
     passed, failed = kernel_reports("passed"), kernel_reports("failed") + kernel_reports("error")
-    if passed or failed:
+    # A pass whose tests all ended as expected failures (a loss the run
+    # reported, on a kernel that preempts fentry programs) still gets its
+    # line: a pass with no line looked like one that never ran.
+    xfailed, xpassed = kernel_reports("xfailed"), kernel_reports("xpassed")
+    if passed or failed or xfailed or xpassed:
         shard = test_shard()
         part = f" [shard {shard[0]}/{shard[1]}]" if shard else ""
+        extra = f", {xfailed} xfailed, {xpassed} xpassed" if xfailed or xpassed else ""
         terminalreporter.write_line(f"kernel {os.uname().release} {test_backend()}{part}: "
-                                    f"{passed} passed, {failed} failed")
+                                    f"{passed} passed, {failed} failed{extra}")
 
 
 def test_shard() -> tuple[int, int] | None:
