@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -88,10 +89,20 @@ def _return_freed_memory(collect: bool = True) -> None:
     processes; with a collection, ten)."""
     if collect:
         gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc, loaded once (the trim runs every second); None if not glibc."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim    # noqa: B018 - AttributeError if not glibc
     except (OSError, AttributeError):
-        pass    # not glibc: nothing to trim
+        return None
+    return libc
 
 
 def _probe_statuses(plan: Any) -> list[ProbeStatus]:

@@ -150,6 +150,7 @@ def read_iterator(bcc: Any, prog_fd: int) -> bytes:
 
 
 _DUMP_CHUNK = 1024
+_KEY_FORMATS = {4: "<I", 8: "<Q"}   # the maps' keys: pids, pointers
 
 
 _ENOTSUPP = 524   # the kernel's own ENOTSUPP (not in errno): no batch ops for this map
@@ -165,14 +166,9 @@ def dump_hash(table: Any, key_size: int) -> dict[int, bytes]:
 def iter_hash(table: Any, key_size: int) -> Iterator[tuple[int, bytes]]:
     """A hash map's entries as :func:`dump_hash` reads them, one at a time:
     a reader that keeps few of them never holds them all."""
-    key_format = {4: "<I", 8: "<Q"}.get(key_size)
+    key_format = _KEY_FORMATS[key_size]
     for keys, values, vsize in hash_chunks(table, key_size):
-        if key_format is None:
-            ints = [int.from_bytes(keys[i:i + key_size], "little")
-                    for i in range(0, len(keys), key_size)]
-        else:
-            ints = [k for (k,) in struct.iter_unpack(key_format, keys)]
-        for i, key in enumerate(ints):
+        for i, (key,) in enumerate(struct.iter_unpack(key_format, keys)):
             yield key, bytes(values[i * vsize:(i + 1) * vsize])
 
 

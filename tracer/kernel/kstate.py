@@ -269,6 +269,18 @@ def reuse_procs(entries: Iterable[tuple[int, bytes]], mms: dict[int, MmRow],
     return rows, kept
 
 
+def decode_entries(mms: Iterable[tuple[int, bytes]], procs: Iterable[tuple[int, bytes]],
+                   families: Iterable[tuple[int, bytes]], cache: DecodeCache
+                   ) -> tuple[dict[int, MmRow], dict[int, ProcRow], dict[int, FamilyState]]:
+    """The mm, process and family rows of the state maps' entries (key, raw
+    value), taken in that order (entries may be read lazily, one map after
+    the other) and through ``cache``; what the cache keeps next is set."""
+    mm_rows, cache.mms = reuse_rows(mms, cache.mms, MmRow.decode)
+    proc_rows, cache.procs = reuse_procs(procs, mm_rows, cache.procs)
+    fam_rows, cache.families = reuse_rows(families, cache.families, FamilyState.decode)
+    return mm_rows, proc_rows, fam_rows
+
+
 @dataclass
 class KernelState:
     """Everything the reports need, decoded from one :class:`StateDump`."""
@@ -282,15 +294,8 @@ class KernelState:
     def decode(dump: StateDump, cache: DecodeCache | None = None) -> KernelState:
         """Decode ``dump``; with ``cache`` (kept from the last decode of
         the same maps) unchanged entries keep their rows."""
-        if cache is None:
-            mms = {mm: MmRow.decode(mm, raw) for mm, raw in dump.mms.items()}
-            procs = {pid: decode_proc(pid, raw, mms) for pid, raw in dump.procs.items()}
-            fams = {pid: FamilyState.decode(pid, raw) for pid, raw in dump.families.items()}
-        else:
-            mms, cache.mms = reuse_rows(dump.mms.items(), cache.mms, MmRow.decode)
-            fams, cache.families = reuse_rows(dump.families.items(), cache.families,
-                                              FamilyState.decode)
-            procs, cache.procs = reuse_procs(dump.procs.items(), mms, cache.procs)
+        mms, procs, fams = decode_entries(dump.mms.items(), dump.procs.items(),
+                                          dump.families.items(), cache or DecodeCache())
         return KernelState(mms, procs, fams, Globals.from_sums(dump.global_sums, dump.depths))
 
     def totals(self) -> dict[str, int]:

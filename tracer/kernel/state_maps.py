@@ -12,14 +12,12 @@ from tracer.kernel.kstate import (
     G_NR,
     PSTATE_HEAD,
     DecodeCache,
-    FamilyState,
     Globals,
     KernelState,
     MmRow,
     StateDump,
+    decode_entries,
     decode_proc,
-    reuse_procs,
-    reuse_rows,
     torn_reads,
     torn_rows,
 )
@@ -59,11 +57,13 @@ def read_state(table: Table, cache: DecodeCache) -> KernelState:
     (the last read's rows): what :func:`dump_state` and
     :meth:`KernelState.decode` give, without holding every entry's bytes at
     once (at 10,000 processes those were 20 MB more of `serve`'s memory at
-    each refresh) or decoding the entries that did not change. Same order
-    and torn-read repair as :func:`dump_state`."""
+    each refresh) or decoding the entries that did not change. The mms
+    before the processes and the same torn-read repair as
+    :func:`dump_state` (the families, which neither depends on, are read
+    before the repair)."""
     ptab, mtab = table("st_proc"), table("st_mm")
-    mms, cache.mms = reuse_rows(iter_hash(mtab, 8), cache.mms, MmRow.decode)
-    procs, cache.procs = reuse_procs(iter_hash(ptab, 4), mms, cache.procs)
+    mms, procs, fams = decode_entries(iter_hash(mtab, 8), iter_hash(ptab, 4),
+                                      iter_hash(table("st_fam"), 4), cache)
     for _ in range(3):
         torn = torn_rows(procs, mms)
         if not torn:
@@ -78,8 +78,6 @@ def read_state(table: Table, cache: DecodeCache) -> KernelState:
                 del procs[pid]
             else:
                 procs[pid] = decode_proc(pid, raw, mms)
-    fams, cache.families = reuse_rows(iter_hash(table("st_fam"), 4), cache.families,
-                                      FamilyState.decode)
     sums, depths = _sums(table)
     return KernelState(mms, procs, fams, Globals.from_sums(sums, depths))
 

@@ -182,29 +182,26 @@ class SummaryBuilder:
         fams: dict[int, list[int]] = {}
         for root, (n, mx, tot) in self._roots.items():
             owner = self._root_owner.get(root, 0)
-            if not owner:
-                continue
-            f = fams.get(owner)
-            if f is None:
-                fams[owner] = [n, mx, tot]
-            else:
-                f[0] += n
-                f[1] = max(f[1], mx)
-                f[2] += tot
+            if owner:
+                _add(fams, owner, mx, n, tot)
         return RmapSummary(processes=_figures(self._owners), families=_figures(fams),
                            max_width=self.max_width, seconds=seconds,
                            truncated_chains=truncated_chains, refused=refused)
 
 
-def _add(acc: dict[int, list[int]], key: int, width: int) -> None:
+def _add(acc: dict[int, list[int]], key: int, width: int, n: int = 1,
+         total: int | None = None) -> None:
+    """Add ``n`` anon_vmas of largest width ``width`` and summed width
+    ``total`` (one anon_vma by default) to ``key``'s [n, max, total]."""
+    total = width if total is None else total
     f = acc.get(key)
     if f is None:
-        acc[key] = [1, width, width]
+        acc[key] = [n, width, total]
     else:
-        f[0] += 1
+        f[0] += n
         if width > f[1]:
             f[1] = width
-        f[2] += width
+        f[2] += total
 
 
 def _figures(acc: dict[int, list[int]]) -> dict[int, RmapFigures]:
