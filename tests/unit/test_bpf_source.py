@@ -5,7 +5,15 @@ import pytest
 
 from tests.unit import kfix
 from tests.unit.test_probes import _three_arg_clone
-from tracer.kernel.bpf_source import BPF_DIR, MAIN_PROGRAM, BuildOptions, cflags
+from tracer.kernel.bpf_source import (
+    BPF_DIR,
+    MAIN_PROGRAM,
+    RECYCLE_MAX,
+    BuildOptions,
+    MapSizes,
+    cflags,
+    recycle_slots,
+)
 from tracer.kernel.layout import read_layout
 from tracer.kernel.probes import plan_backend
 
@@ -187,3 +195,22 @@ def test_every_copied_tracepoint_has_its_copy_in_the_program() -> None:
     assert "int tp_again__##tp(" in text
     from tracer.kernel.bpf_source import COPY_SLOTS
     assert f"#define TPI_NR {COPY_SLOTS}\n" in text
+
+
+def test_recycle_ring_is_a_power_of_two_bounded_by_the_vma_map() -> None:
+    # The default map: the cap, whatever the host's CPUs (up to where a
+    # sixteenth of the map is less than the cap on every CPU).
+    assert recycle_slots(MapSizes(), cpus=2) == RECYCLE_MAX
+    assert recycle_slots(MapSizes(), cpus=64) == 1024
+    # A small map (the map-full tests): tombstones stay a sixteenth of it.
+    small = MapSizes(vmas=4096)
+    assert recycle_slots(small, cpus=2) == 128
+    assert 2 * recycle_slots(small, cpus=2) <= 4096 // 16
+    # A map too small for that still gets the minimum ring.
+    assert recycle_slots(MapSizes(vmas=64), cpus=4) == 16
+    for cpus in (1, 3, 6, 96):
+        n = recycle_slots(MapSizes(vmas=1_000_000), cpus=cpus)
+        assert n & (n - 1) == 0 and 16 <= n <= RECYCLE_MAX
+    d = defines("6.12", "tracepoint", BuildOptions(state=True, map_sizes=small))
+    assert d["ST_RECYCLE"] == str(recycle_slots(small))
+    assert "ST_RECYCLE" not in defines("6.12", "tracepoint")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,22 @@ class MapSizes:
     processes: int = 65_536
     families: int = 32_768
     preallocate: bool = False
+
+
+RECYCLE_MAX = 2048
+
+
+def recycle_slots(sizes: MapSizes, cpus: int | None = None) -> int:
+    """The tombstones each CPU keeps in st_vma for reuse (ST_RECYCLE,
+    anontrace.bpf.c "entry recycling"): a power of two from 16 to
+    RECYCLE_MAX such that all CPUs' together take at most a sixteenth of the
+    map where it is big enough. ``cpus``: the host's (default: this one's)."""
+    n = max(1, cpus or os.cpu_count() or 1)
+    room = min(RECYCLE_MAX, sizes.vmas // (16 * n))
+    slots = 16
+    while slots * 2 <= room:
+        slots *= 2
+    return slots
 
 
 # Raw tracepoints whose program may have a second copy (TP_AGAIN in
@@ -172,6 +189,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["ST_MM_MAX"] = sizes.mms
         d["ST_PROC_MAX"] = sizes.processes
         d["ST_FAM_MAX"] = sizes.families
+        d["ST_RECYCLE"] = recycle_slots(sizes)
         # BPF_F_NO_PREALLOC: memory as entries come, not the maxima up front,
         # where tracing programs may use such maps (compat: no_prealloc_tracing).
         d["ST_MAP_FLAGS"] = 0 if opts.prealloc or sizes.preallocate else 1
