@@ -202,8 +202,8 @@ BPF_ARRAY(st_serial, u32, 1);
 // all within 256), so a VMA's entry is not deleted when the VMA goes: it is
 // made a tombstone (mm 0, which every user of st_vma treats as no entry) and
 // overwritten when the address comes back, with no trip through the
-// kernel's BPF allocator (bench/fork_overhead.py --bpf-stats: about 10 of
-// the programs' 65-70 us per fork). Each CPU keeps its last ST_RECYCLE
+// kernel's BPF allocator (bench/fork_overhead.py --bpf-stats: about 8 of
+// the programs' 64 us per fork). Each CPU keeps its last ST_RECYCLE
 // tombstones in a ring; a tombstone pushed out of the ring while still one
 // is deleted then, so the map holds at most ST_RECYCLE of them per CPU
 // (tracer.kernel.bpf_source.recycle_slots sizes the ring from the map).
