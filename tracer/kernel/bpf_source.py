@@ -74,8 +74,9 @@ class MapSizes:
     ``preallocate``: allocate every entry when the maps are created, as
     older kernels must. Where the kernel lets tracing programs use maps that
     allocate as entries come (compat: no_prealloc_tracing), that is the
-    default: memory follows use, but every insert and delete goes through the
-    kernel's BPF allocator, about a third of what the programs cost per fork
+    default: memory follows use, but inserts and deletes go through the
+    kernel's BPF allocator (``st_vma`` recycles its entries instead: see
+    :func:`recycle_slots`), a large share of what the programs cost per fork
     under a fork storm (docs/state.md, "Map memory"). Preallocated, the maps
     hold their maxima's memory from the start."""
 
