@@ -196,31 +196,32 @@ BPF_ARRAY(st_serial, u32, 1);
 
 // ------------------------------------------------------ entry recycling
 // Under a fork storm every fork inserts, and every exit deletes, an st_vma
-// entry per anon VMA. The slab hands a freed VMA's address out again almost
-// at once (under bench/workloads/forkloop.c, 99.97% of VMA allocations reuse
-// an address freed less than about a thousand allocations before, nearly
-// all within 256), so a VMA's entry is not deleted when the VMA goes: it is
-// made a tombstone (mm 0, which every user of st_vma treats as no entry) and
-// overwritten when the address comes back, with no trip through the
-// kernel's BPF allocator (bench/fork_overhead.py --bpf-stats: about 8 of
-// the programs' 64 us per fork). Each CPU keeps its last ST_RECYCLE
-// tombstones in a ring; a tombstone pushed out of the ring while still one
-// is deleted then, so the map holds at most ST_RECYCLE of them per CPU
-// (tracer.kernel.bpf_source.recycle_slots sizes the ring from the map).
+// and an st_av entry per anon VMA. The slab hands a freed object's address
+// out again almost at once (under bench/workloads/forkloop.c, 99.97% of VMA
+// and of anon_vma allocations reuse an address freed less than about a
+// thousand allocations before, nearly all within 256), so an entry is not
+// deleted when its object goes: it is made a tombstone (st_vma: mm 0;
+// st_av: serial 0) and overwritten when the address comes back, with no
+// trip through the kernel's BPF allocator (bench/fork_overhead.py
+// --bpf-stats: about 8 of the programs' 64 us per fork for st_vma, then 7
+// of 60 for st_av). Each CPU keeps its last ST_RECYCLE tombstones of each map in
+// a ring; a tombstone pushed out of the ring while still one is deleted
+// then, so a map holds at most ST_RECYCLE of them per CPU
+// (tracer.kernel.bpf_source.recycle_slots sizes the rings from the maps).
 //
 // A tombstone deleted as its address comes back on another CPU would take
 // the new entry with it: the reviver looks the entry up again after writing
 // it and the deleter reads it again after deleting it; whichever sees the
 // other counts an anomaly, so the reports say partial.
-//
-// (st_av is not recycled: the extra branches in the allocation paths took
-// the kmem programs past the verifier's limit of a million instructions.)
 struct recycle {
     u32 pos;
     u32 pad;
     u64 key[ST_RECYCLE];
 };
-BPF_PERCPU_ARRAY(st_recycle, struct recycle, 1);
+#define RING_VMA 0
+#define RING_AV 1
+BPF_PERCPU_ARRAY(st_recycle, struct recycle, 1);      // st_vma's
+BPF_PERCPU_ARRAY(st_av_recycle, struct recycle, 1);   // st_av's
 
 static __always_inline void gadd(int idx, s64 v)
 {
@@ -229,27 +230,57 @@ static __always_inline void gadd(int idx, s64 v)
         __sync_fetch_and_add(c, v);
 }
 
-// VMA ``vma``'s entry ``v`` becomes a tombstone; the one it pushes out of
-// this CPU's ring goes if it is still a tombstone (key 0 is never in the
-// map: no VMA is at address 0).
+// ``key`` has just become a tombstone of ring ``ring``'s map: returns the
+// key it pushes out of this CPU's ring (``key`` itself when there is no
+// ring), for the caller to delete if still a tombstone. Key 0 is never in a
+// map: no object is at address 0.
+static __always_inline u64 ring_push(int ring, u64 key)
+{
+    int zero = 0;
+    struct recycle *r = ring == RING_AV ? st_av_recycle.lookup(&zero)
+                                        : st_recycle.lookup(&zero);
+    if (!r)
+        return key;
+    u32 i = r->pos & (ST_RECYCLE - 1);
+    u64 old = r->key[i];
+    r->key[i] = key;
+    r->pos = i + 1;
+    return old;
+}
+
+// VMA ``vma``'s entry ``v`` becomes a tombstone.
 static __always_inline void vma_bury(u64 vma, struct vstate *v)
 {
     v->mm = 0;
-    int zero = 0;
-    struct recycle *r = st_recycle.lookup(&zero);
-    u64 old = vma;
-    if (r) {
-        u32 i = r->pos & (ST_RECYCLE - 1);
-        old = r->key[i];
-        r->key[i] = vma;
-        r->pos = i + 1;
-    }
+    u64 old = ring_push(RING_VMA, vma);
     struct vstate *o = st_vma.lookup(&old);
     if (!o || o->mm)
         return;
     st_vma.delete(&old);
     // Revived on another CPU between the lookup and the delete?
     if (*(volatile u64 *)&o->mm)
+        gadd(G_ANOMALIES, 1);
+}
+
+// anon_vma ``av``'s entry ``a`` becomes a tombstone. Its fields are cleared
+// so that every reader but av_learn (the reviver) takes it for no entry with
+// no test of its own: no live VMA (av_vma does nothing), no counted parent
+// (pserial), no family, and a serial no child's pserial names.
+static __always_inline void av_bury(u64 av, struct avstate *a)
+{
+    a->serial = 0;
+    a->depth = 0;
+    a->pserial = 0;
+    a->active = 0;
+    a->children = 0;
+    a->dead = 0;
+    a->fam = 0;
+    u64 old = ring_push(RING_AV, av);
+    struct avstate *o = st_av.lookup(&old);
+    if (!o || o->serial)
+        return;
+    st_av.delete(&old);
+    if (*(volatile u32 *)&o->serial)
         gadd(G_ANOMALIES, 1);
 }
 
@@ -406,7 +437,7 @@ static __always_inline void av_drop(u64 av, struct avstate *a, int how)
 {
     if (!a)
         a = st_av.lookup(&av);
-    if (!a)
+    if (!a || !a->serial)   // none, or a tombstone (entry recycling)
         return;
     if ((how & AV_DEFER) && a->active) {
         a->dead = 1;
@@ -428,7 +459,7 @@ static __always_inline void av_drop(u64 av, struct avstate *a, int how)
     gadd(G_AVS, -1);
     if (orphan)
         gadd(G_ORPHANS, -1);
-    st_av.delete(&av);
+    av_bury(av, a);
 }
 
 // The anon_vma an event's facts describe, created when first seen.
@@ -436,10 +467,14 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
 {
     u64 av = e->anon_vma;
     struct avstate *a = st_av.lookup(&av);
+    // A tombstone (entry recycling) has depth 0, which no anon_vma has: it
+    // takes this path too, as no anomaly (serial 0), and is revived below.
+    // (Testing for it apart made the verifier explore what follows once
+    // more, past its limit in the kmem programs.)
     if (a && e->depth && a->depth != e->depth) {
         // Same pointer, another object: its free was not seen.
-        gadd(G_ANOMALIES, 1);
-        av_drop(av, a, 0);
+        gadd(G_ANOMALIES, ((u64)a->serial + 0xffffffffULL) >> 32);   // serial ? 1 : 0
+        av_drop(av, a, 0);   // nothing for a tombstone; a tombstone after
         a = 0;
     }
     if (a)
@@ -455,7 +490,7 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
         // result): two CPUs may hand out one serial, which only weakens the
         // check that a parent pointer still names the same anon_vma.
         *ser += 1;
-        n.serial = *ser;
+        n.serial = *ser ? *ser : 1;   // 0 marks a tombstone
     }
     struct avstate *pa = 0;
     if (e->parent && e->parent != av)
@@ -464,19 +499,29 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
         n.fam = m->tgid;            // a root: its family is the process faulting it
     else {
         // A child of the root (a fork's first generation) looks one entry up.
+        // (A tombstone's family is 0: no entry.)
         struct avstate *ra = e->root == e->parent ? pa : st_av.lookup(&e->root);
-        if (ra)
-            n.fam = ra->fam;
-        else if (pa)
-            n.fam = pa->fam;
+        u32 rfam = ra ? ra->fam : 0;
+        n.fam = rfam ? rfam : pa ? pa->fam : 0;
     }
     if (pa)
-        n.pserial = pa->serial;
-    if (st_av.insert(&av, &n)) {
+        n.pserial = pa->serial;   // 0 for a tombstone: not counted
+    int revived = 0;
+    a = st_av.lookup(&av);
+    if (a && !a->serial) {
+        // A tombstone: overwritten (entry recycling, above), unless it was
+        // deleted meanwhile. (A live entry here was learned on another CPU
+        // meanwhile: the insert below fails and is counted.)
+        *a = n;
+        revived = st_av.lookup(&av) == a;
+        if (!revived)
+            gadd(G_ANOMALIES, 1);
+    }
+    if (!revived && st_av.insert(&av, &n)) {
         gadd(G_FULL_AV, 1);
         return 0;
     }
-    if (pa)
+    if (pa && n.pserial)
         av_children(pa, 1);
     gadd(G_AVS, 1);
     gadd(G_ORPHANS, 1);
@@ -610,8 +655,11 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
         v->chain = chain;
         vma_account(omm, omm == mm ? m : st_mm.lookup(&omm), oav,
                     oav ? st_av.lookup(&oav) : 0, ochain, -1);
-        if (av && oav == av)
+        if (av && oav == av) {
             a = st_av.lookup(&av);   // the removal may have dropped it
+            if (a && !a->serial)
+                a = 0;
+        }
     } else {
         struct vstate n = {mm, av, chain, 0};
         int revived = 0;

@@ -197,7 +197,7 @@ def test_every_copied_tracepoint_has_its_copy_in_the_program() -> None:
     assert f"#define TPI_NR {COPY_SLOTS}\n" in text
 
 
-def test_recycle_ring_is_a_power_of_two_bounded_by_the_vma_map() -> None:
+def test_recycle_rings_are_a_power_of_two_bounded_by_the_smaller_map() -> None:
     # The default map: the cap, whatever the host's CPUs (up to where a
     # sixteenth of the map is less than the cap on every CPU).
     assert recycle_slots(MapSizes(), cpus=2) == RECYCLE_MAX
@@ -206,6 +206,9 @@ def test_recycle_ring_is_a_power_of_two_bounded_by_the_vma_map() -> None:
     small = MapSizes(vmas=4096)
     assert recycle_slots(small, cpus=2) == 128
     assert 2 * recycle_slots(small, cpus=2) <= 4096 // 16
+    # The rings of st_vma and st_av have one size, from the smaller map.
+    assert recycle_slots(MapSizes(anon_vmas=4096), cpus=2) == 128
+    assert recycle_slots(MapSizes(vmas=8192, anon_vmas=65536), cpus=2) == 256
     # A map too small for that still gets the minimum ring.
     assert recycle_slots(MapSizes(vmas=64), cpus=4) == 16
     for cpus in (1, 3, 6, 96):

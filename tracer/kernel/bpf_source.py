@@ -75,10 +75,11 @@ class MapSizes:
     older kernels must. Where the kernel lets tracing programs use maps that
     allocate as entries come (compat: no_prealloc_tracing), that is the
     default: memory follows use, but inserts and deletes go through the
-    kernel's BPF allocator (``st_vma`` recycles its entries instead: see
-    :func:`recycle_slots`), a large share of what the programs cost per fork
-    under a fork storm (docs/state.md, "Map memory"). Preallocated, the maps
-    hold their maxima's memory from the start."""
+    kernel's BPF allocator, a large share of what the programs cost per fork
+    under a fork storm (docs/state.md, "Map memory"), most of which
+    ``st_vma`` and ``st_av`` avoid by recycling their entries (see
+    :func:`recycle_slots`). Preallocated, the maps hold their maxima's
+    memory from the start."""
 
     vmas: int = 1_310_720
     anon_vmas: int = 1_048_576
@@ -92,12 +93,13 @@ RECYCLE_MAX = 2048
 
 
 def recycle_slots(sizes: MapSizes, cpus: int | None = None) -> int:
-    """The tombstones each CPU keeps in st_vma for reuse (ST_RECYCLE,
-    anontrace.bpf.c "entry recycling"): a power of two from 16 to
-    RECYCLE_MAX such that all CPUs' together take at most a sixteenth of the
-    map where it is big enough. ``cpus``: the host's (default: this one's)."""
+    """The tombstones each CPU keeps in st_vma and in st_av for reuse
+    (ST_RECYCLE, anontrace.bpf.c "entry recycling"): a power of two from 16
+    to RECYCLE_MAX such that all CPUs' together take at most a sixteenth of
+    the smaller map where it is big enough. ``cpus``: the host's (default:
+    this one's)."""
     n = max(1, cpus or os.cpu_count() or 1)
-    room = min(RECYCLE_MAX, sizes.vmas // (16 * n))
+    room = min(RECYCLE_MAX, min(sizes.vmas, sizes.anon_vmas) // (16 * n))
     slots = 16
     while slots * 2 <= room:
         slots *= 2
