@@ -182,6 +182,28 @@ def _has_rows(head: str):
     return check
 
 
+def _redrawn(header: str, head: str, rows_ok):
+    """A screen with ``header`` whose table (rows under ``head``) passes
+    ``rows_ok``. tmux can be read halfway through a redraw (the new header
+    and first rows over the previous frame's lower rows), so what a key
+    changed is waited for in the rows too; a table that never gets there
+    fails the wait."""
+    def check(screen: str) -> bool:
+        if header not in screen:
+            return False
+        try:
+            rows = _table(screen, head)
+        except StopIteration:
+            return False
+        return bool(rows) and rows_ok(rows)
+    return check
+
+
+def _rmap_descending(rows: list[list[str]]) -> bool:
+    widths = [(int(r[5]), int(r[6])) for r in rows]
+    return widths == sorted(widths, reverse=True)
+
+
 def _top_pid(pane_pid: int) -> int:
     kids = Path(f"/proc/{pane_pid}/task/{pane_pid}/children").read_text().split()
     assert len(kids) == 1, kids
@@ -213,15 +235,15 @@ def test_interactive_screen_keys_and_q(chain: Chain, backend: str, tmp_path: Pat
         assert int(first[5]) >= 1 and int(first[6]) >= int(first[5]), screen
         # s: the next sort key, named in the header.
         tm.keys("s")
-        screen = tm.wait_for(lambda s: "sort=rmap" in s, "sort=rmap after s")
-        widths = [(int(r[5]), int(r[6])) for r in _table(screen, "PID")]
-        assert widths == sorted(widths, reverse=True), screen
+        tm.wait_for(_redrawn("sort=rmap (descending)", "PID", _rmap_descending),
+                    "sort=rmap after s, its rows by rmap width, widest first")
         # <: back; r: reversed.
         tm.keys("<")
         tm.wait_for(lambda s: "sort=depth (descending)" in s, "sort=depth after <")
         tm.keys("r")
-        screen = tm.wait_for(lambda s: "sort=depth (ascending)" in s, "ascending after r")
-        assert int(_table(screen, "PID")[0][4]) < DEPTH
+        tm.wait_for(_redrawn("sort=depth (ascending)", "PID",
+                             lambda rows: int(rows[0][4]) < DEPTH),
+                    "ascending after r, a shallower process first")
         tm.keys("r")
         # f: families; the chain's family (named after generation 0) first.
         tm.keys("f")
