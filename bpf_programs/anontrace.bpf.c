@@ -263,9 +263,10 @@ static __always_inline void vma_bury(u64 vma, struct vstate *v)
 }
 
 // anon_vma ``av``'s entry ``a`` becomes a tombstone. Its fields are cleared
-// so that every reader but av_learn (the reviver) takes it for no entry with
-// no test of its own: no live VMA (av_vma does nothing), no counted parent
-// (pserial), no family, and a serial no child's pserial names.
+// so that most readers take it for no entry with no test of their own: no
+// live VMA (av_vma does nothing), no counted parent (pserial), no family,
+// and a serial no child's pserial names. av_drop and one re-lookup in
+// st_apply_vma test serial 0; av_learn revives it.
 static __always_inline void av_bury(u64 av, struct avstate *a)
 {
     a->serial = 0;
