@@ -173,12 +173,17 @@ def _table(screen: str, head: str) -> list[list[str]]:
     return rows
 
 
+def _rows(screen: str, head: str) -> list[list[str]]:
+    """:func:`_table`, or no rows when the column header is not on screen."""
+    try:
+        return _table(screen, head)
+    except StopIteration:
+        return []
+
+
 def _has_rows(head: str):
     def check(screen: str) -> bool:
-        try:
-            return bool(_table(screen, head))
-        except StopIteration:
-            return False
+        return bool(_rows(screen, head))
     return check
 
 
@@ -189,13 +194,8 @@ def _redrawn(header: str, head: str, rows_ok):
     changed is waited for in the rows too; a table that never gets there
     fails the wait."""
     def check(screen: str) -> bool:
-        if header not in screen:
-            return False
-        try:
-            rows = _table(screen, head)
-        except StopIteration:
-            return False
-        return bool(rows) and rows_ok(rows)
+        rows = _rows(screen, head)
+        return header in screen and bool(rows) and rows_ok(rows)
     return check
 
 
