@@ -204,9 +204,9 @@ BPF_ARRAY(st_serial, u32, 1);
 // st_av: serial 0) and overwritten when the address comes back, with no
 // trip through the kernel's BPF allocator (bench/fork_overhead.py
 // --bpf-stats: about 8 of the programs' 64 us per fork for st_vma, then 7
-// of 60 for st_av). Each CPU keeps its last ST_RECYCLE tombstones of each map in
-// a ring; a tombstone pushed out of the ring while still one is deleted
-// then, so a map holds at most ST_RECYCLE of them per CPU
+// of 60 for st_av). Each CPU keeps its last ST_RECYCLE tombstones of each
+// map in a ring; a tombstone pushed out of the ring while still one is
+// deleted then, so a map holds at most ST_RECYCLE of them per CPU
 // (tracer.kernel.bpf_source.recycle_slots sizes the rings from the maps).
 //
 // A tombstone deleted as its address comes back on another CPU would take
@@ -508,6 +508,8 @@ static __always_inline struct avstate *av_learn(struct event *e, struct mmstate 
     if (pa)
         n.pserial = pa->serial;   // 0 for a tombstone: not counted
     int revived = 0;
+    // Looked up again rather than kept from above: every path that gets
+    // here has ``a`` 0, so the verifier explores what follows once.
     a = st_av.lookup(&av);
     if (a && !a->serial) {
         // A tombstone: overwritten (entry recycling, above), unless it was
