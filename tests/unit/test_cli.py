@@ -219,3 +219,23 @@ def test_unknown_subcommand_says_how_to_trace_a_program(args: list[str], hint: s
     assert result.exit_code == 2
     assert f"no such subcommand {args[0]!r}" in result.output and hint in result.output, \
         result.output
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["--backend", "kprobe", "serve", "--check-config"],
+     "--backend: an option of the trace report, which 'serve' would ignore; serve takes its "
+     "backend from its config file ('backend:')"),
+    (["-p", "1", "-i", "2", "top", "-n", "1"],
+     "--pid, --interval: an option of the trace report, which 'top' would ignore; top's own "
+     "options go after its name (anontrace top --help)"),
+    (["--json", "check"], "--json: an option of the trace report, which 'check' would ignore"),
+])
+def test_report_options_before_a_subcommand_are_refused(args: list[str], hint: str) -> None:
+    result = CliRunner().invoke(main, args, prog_name="anontrace")
+    assert result.exit_code == 2, result.output
+    assert hint in " ".join(result.output.split()), result.output
+
+
+def test_subcommand_options_after_its_name_still_work() -> None:
+    result = run(["serve", "--config", "deploy/anontrace.yaml", "--check-config"])
+    assert result.exit_code == 0, result.output

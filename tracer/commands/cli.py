@@ -143,6 +143,28 @@ def main(ctx: click.Context, pids: tuple[int, ...], no_children: bool, interval:
     if ctx.invoked_subcommand is None:
         _run(ctx, pids, no_children, interval, duration, as_json, backend, transport,
              rmap=not no_rmap)
+        return
+    _refuse_report_options(ctx)
+
+
+def _refuse_report_options(ctx: click.Context) -> None:
+    """Refuse the trace report's options when a subcommand runs instead.
+
+    The subcommand would drop them without a word (`anontrace --backend kprobe
+    serve` would run serve with its config's backend).
+    """
+    given = [p for p in ctx.command.params
+             if p.name and not getattr(p, "is_eager", False)
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if not given:
+        return
+    names = ", ".join(p.opts[-1] if len(p.opts[-1]) > 2 else p.opts[0] for p in given)
+    sub = ctx.invoked_subcommand
+    hint = f"{sub}'s own options go after its name (anontrace {sub} --help)"
+    if sub == "serve" and any(p.name == "backend" for p in given):
+        hint = "serve takes its backend from its config file ('backend:')"
+    raise click.UsageError(
+        f"{names}: an option of the trace report, which {sub!r} would ignore; {hint}", ctx)
 
 
 @main.command()
