@@ -68,8 +68,13 @@ def start(args: list[str], backend: str, interval: float = 0.3, rmap: bool = Fal
     """`anontrace --json ARGS`; without ``rmap``, with --no-rmap: the rmap
     census is a second compile (10-20 s under QEMU) that only the tests of
     the rmap figures need (test_tree.py, test_ground_truth.py)."""
-    cmd = [sys.executable, "-m", "tracer", "--json", "-i", str(interval),
-           "--backend", backend, *([] if rmap else ["--no-rmap"]), *args]
+    return run_anontrace(["--json", "-i", str(interval), "--backend", backend,
+                          *([] if rmap else ["--no-rmap"]), *args])
+
+
+def run_anontrace(args: list[str]) -> CliRun:
+    """`anontrace ARGS` as given (a subcommand takes its options after its name)."""
+    cmd = [sys.executable, "-m", "tracer", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, env=env,

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.kernel.cli_run import CliRun, start, start_chain
+from tests.kernel.cli_run import CliRun, run_anontrace, start, start_chain
 
 GENERATIONS = 4
 REGIONS = 3
@@ -121,8 +121,8 @@ def test_mprotect_splits_add_chains_not_anon_vmas(splits_bin, backend) -> None:
 
 def test_replay_matches_live(forkchain_bin, backend, tmp_path) -> None:
     rec = tmp_path / "run.atr"
-    run = start(["record", "-o", str(rec), "--json", "-i", "0.3", "--backend", backend, "--",
-                 str(forkchain_bin), "2", "2", "touch"], backend)
+    run = run_anontrace(["record", "-o", str(rec), "--json", "-i", "0.3", "--backend", backend,
+                         "--", str(forkchain_bin), "2", "2", "touch"])
     run.read_until(lambda r: any(m["event"] == "start" for m in r.workload))
     run.send(b"g")
     run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))

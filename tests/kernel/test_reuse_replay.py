@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.kernel.cli_run import start
+from tests.kernel.cli_run import run_anontrace
 from tests.kernel.stack import xfail_preempted
 
 GENERATIONS = 24
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.method_agnostic
 def test_recorded_reproducer_replays_under_the_reuse_rules(reproducer_bin, backend,
                                                            tmp_path) -> None:
     rec = tmp_path / "repro.atr"
-    run = start(["record", "-o", str(rec), "--json", "-i", "0.3", "--backend", backend, "--",
-                 str(reproducer_bin), "2", str(GENERATIONS)], backend)
+    run = run_anontrace(["record", "-o", str(rec), "--json", "-i", "0.3", "--backend", backend,
+                         "--", str(reproducer_bin), "2", str(GENERATIONS)])
     run.read_until(lambda r: any(m["event"] == "ready" for m in r.workload))
     have = len(run.reports)
     # two reports after "ready": the last generation alive, every fork in
