@@ -599,6 +599,57 @@ static __always_inline void st_count(struct mmstate *m, u32 probe)
     gadd(G_EVENTS + probe, 1);
 }
 
+// An event in the process's own context (current's mm is ``mm``) tells
+// whose mm it is and, from its main thread, the name it has now (prctl
+// PR_SET_NAME since fork or exec).
+static __always_inline void st_owner(u64 mm, struct mmstate *m, u64 cur_mm, u32 tgid, u32 tid,
+                                     const char *comm, int census)
+{
+    if (cur_mm != mm || !tgid)
+        return;
+    if (m->tgid == tgid) {
+        if (tid != tgid)
+            return;
+        struct pstate *p = st_proc.lookup(&tgid);
+        if (p && p->mm == mm && (*(u64 *)p->comm != *(u64 *)comm ||
+                                 *(u64 *)(p->comm + 8) != *(u64 *)(comm + 8)))
+            __builtin_memcpy(p->comm, comm, sizeof(p->comm));
+        return;
+    }
+    m->tgid = tgid;
+    struct pstate *p = proc_get(tgid, mm, 1, census ? P_CENSUS | P_UNSEEN : P_UNSEEN, comm);
+    if (p) {
+        p->mm = mm;
+        if (census)
+            p->flags |= P_CENSUS;
+    }
+}
+
+// A page was mapped in VMA ``vma`` (anon_vma ``av``): if the state holds the
+// VMA as it is, count the event and return 1, with no more to read. Only a
+// fork, clone or unlink changes a VMA's chain, and those are traced; a VMA
+// that just got its anon_vma (anon_vma_prepare, which is not) is not held
+// with it yet, and takes the full path.
+static __always_inline int st_rmap_known(u64 vma, u64 av)
+{
+    struct vstate *v = st_vma.lookup(&vma);
+    if (!v || !av || v->av != av)
+        return 0;
+    u64 mm = v->mm;   // 0: a tombstone
+    if (!mm || rd64(vma + OFF_VMA_MM) != mm)
+        return 0;
+    struct mmstate *m = st_mm.lookup(&mm);
+    if (!m)
+        return 0;
+    st_count(m, K_PAGE_SET_ANON_RMAP - K_ANON_VMA_FORK);
+    u64 id = bpf_get_current_pid_tgid();
+    char comm[16];
+    bpf_get_current_comm(&comm, sizeof(comm));
+    st_owner(mm, m, rd64((u64)bpf_get_current_task() + OFF_TASK_MM), id >> 32, (u32)id, comm,
+             0);
+    return 1;
+}
+
 // An operation left a VMA as ``e`` describes it (mm, anon_vma, chain and the
 // anon_vma's facts): update the state. ``probe`` is the logical probe to
 // count for the VMA's mm (NO_PROBE: none).
@@ -611,25 +662,7 @@ static __always_inline void st_apply_vma(struct event *e, u32 probe, int census)
     if (!m)
         return;
     st_count(m, probe);
-    // An event in the process's own context tells whose mm it is, and,
-    // from its main thread, the name it has now (prctl PR_SET_NAME since
-    // fork or exec).
-    if (e->cur_mm == mm && e->tgid && m->tgid == e->tgid && e->tid == e->tgid) {
-        struct pstate *p = st_proc.lookup(&e->tgid);
-        if (p && p->mm == mm && (*(u64 *)p->comm != *(u64 *)e->comm ||
-                                 *(u64 *)(p->comm + 8) != *(u64 *)(e->comm + 8)))
-            __builtin_memcpy(p->comm, e->comm, sizeof(p->comm));
-    }
-    if (e->cur_mm == mm && e->tgid && m->tgid != e->tgid) {
-        m->tgid = e->tgid;
-        struct pstate *p = proc_get(e->tgid, mm, 1, census ? P_CENSUS | P_UNSEEN : P_UNSEEN,
-                                    e->comm);
-        if (p) {
-            p->mm = mm;
-            if (census)
-                p->flags |= P_CENSUS;
-        }
-    }
+    st_owner(mm, m, e->cur_mm, e->tgid, e->tid, e->comm, census);
     u64 av = e->anon_vma;
     struct avstate *a = 0;
     if (av) {
@@ -780,6 +813,18 @@ static __always_inline void submit(void *ctx, struct event *e)
 
 static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux, u64 aux2, s32 ret)
 {
+    // dup_mmap() calls anon_vma_fork() for every VMA, __split_vma() calls
+    // anon_vma_clone() and teardown calls unlink_anon_vmas() for VMAs that
+    // never had an anon_vma: those calls change nothing (the state holds no
+    // such VMA), and the derived backend cannot see them either, so they are
+    // not events. Most of a process's VMAs are such (file mappings, guard
+    // pages): two words tell, before anything else is looked at.
+    u64 av = rd64(vma + OFF_VMA_ANON_VMA);
+    if (!ret && !av) {
+        u64 first = rd64(vma + OFF_VMA_AVC);   // the chain's list head
+        if (!first || first == vma + OFF_VMA_AVC)
+            return;
+    }
 #ifdef WITH_STATE
     // A teardown undoes state whoever runs it (an untraced task may free
     // what a traced one built).
@@ -788,29 +833,35 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
 #endif
     if (!wanted())
         return;
+#if defined(WITH_STATE) && !defined(WITH_EVENTS)
+    // Most page mappings find their VMA as the state holds it.
+    if (kind == K_PAGE_SET_ANON_RMAP && st_rmap_known(vma, av))
+        return;
+#endif
+#ifdef WITH_STATE
+    if (kind == K_UNLINK_ANON_VMAS) {
+        // The model takes exit figures at any unlink of the teardown, before
+        // counting it; so do the maps (a no-op once taken). st_unlink_vma
+        // undid the VMA: this needs its mm only.
+        u64 mm = rd64(vma + OFF_VMA_MM);
+        struct mmstate *m = st_mm.lookup(&mm);
+        st_exit_begins(mm, m);
+        st_count(m, K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
+#ifndef WITH_EVENTS
+        return;
+#endif
+    }
+#endif
     struct event *e = new_event(kind);
     if (!e)
         return;
     fill_vma(e, vma);
-    // dup_mmap() calls anon_vma_fork() for every VMA, __split_vma() calls
-    // anon_vma_clone() and teardown calls unlink_anon_vmas() for VMAs that
-    // never had an anon_vma: those calls change nothing, and the derived
-    // backend cannot see them either, so they are not events.
-    if (!e->anon_vma && !e->chain_len && !ret)
-        return;
     e->aux = aux;
     e->aux2 = aux2;
     e->ret = ret;
 #ifdef WITH_STATE
     if (kind != K_UNLINK_ANON_VMAS)
         st_apply_vma(e, kind - K_ANON_VMA_FORK, 0);
-    else {
-        // The model takes exit figures at any unlink of the teardown, before
-        // counting it; so do the maps (a no-op once taken).
-        struct mmstate *m = st_mm.lookup(&e->mm);
-        st_exit_begins(e->mm, m);
-        st_count(m, K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
-    }
 #endif
     submit(ctx, e);
 }
