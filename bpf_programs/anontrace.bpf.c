@@ -180,7 +180,6 @@ BPF_PERCPU_ARRAY(st_global, s64, G_NR);
 struct zeros {
     struct mmstate mm;
     struct famstate fam;
-    struct pstate proc;
 };
 BPF_ARRAY(st_zero, struct zeros, 1);
 // A process entry is built here, then inserted whole: user space never sees
@@ -329,19 +328,21 @@ static __always_inline struct mmstate *mm_get(u64 mm, int create)
 static __always_inline void proc_put(u32 tgid, u64 mm, u32 ppid, u32 flags, const void *comm,
                                      int replace)
 {
-    int idx = 0;
-    struct zeros *z = st_zero.lookup(&idx);
 #ifdef SCRATCH_PER_TASK
     struct pstate *n = st_new_proc_task.task_storage_get(bpf_get_current_task_btf(), 0,
                                                          BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!n)
         count(C_LOST_SCRATCH);
 #else
+    int idx = 0;
     struct pstate *n = st_new_proc.lookup(&idx);
 #endif
-    if (!z || !n)
+    if (!n)
         return;
-    bpf_probe_read_kernel(n, sizeof(*n), &z->proc);
+    // Only the fields below are ever written here; the rest (the exit
+    // figures, most of the entry) stay as the map made them, zero.
+    n->exit_ns = 0;
+    __builtin_memset(n->ev_prev, 0, sizeof(n->ev_prev));
     n->mm = mm;
     n->ppid = ppid;
     n->flags = P_ALIVE | flags;
@@ -741,15 +742,15 @@ static __always_inline void st_exit_begins(u64 mm, struct mmstate *m)
 
 // unlink_anon_vmas: the VMA's chain is torn down. Applied whoever runs it,
 // when the VMA is tracked (a VMA the state does not hold has nothing to
-// undo). ``count``: count the unlink for the VMA's mm here (the tracepoint
-// backend, which cannot tell an untracked VMA's unlink apart; fentry and
-// kprobe count every traced unlink of a VMA with an anon_vma, as the model
-// does).
-static __always_inline void st_unlink_vma(u64 vma, int count)
+// undo); returns whether it was. ``count``: count the unlink for the VMA's
+// mm here (fentry and kprobe count every traced unlink of a VMA with an
+// anon_vma, as the model does, an untracked VMA's from its mm; the
+// tracepoint backend cannot tell an untracked VMA's unlink apart).
+static __always_inline int st_unlink_vma(u64 vma, int count)
 {
     struct vstate *v = st_vma.lookup(&vma);
     if (!v || !v->mm)   // untracked, or a tombstone
-        return;
+        return 0;
     u64 omm = v->mm, oav = v->av;
     u32 ochain = v->chain;
     struct mmstate *m = st_mm.lookup(&omm);
@@ -758,6 +759,7 @@ static __always_inline void st_unlink_vma(u64 vma, int count)
     if (count)
         st_count(m, 2);
     vma_account(omm, m, oav, oav ? st_av.lookup(&oav) : 0, ochain, -1);
+    return 1;
 }
 
 // An mm is torn down (exit_mmap, or an exit/exec after an empty teardown):
@@ -826,10 +828,21 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
             return;
     }
 #ifdef WITH_STATE
-    // A teardown undoes state whoever runs it (an untraced task may free
-    // what a traced one built).
-    if (kind == K_UNLINK_ANON_VMAS)
-        st_unlink_vma(vma, 0);
+    if (kind == K_UNLINK_ANON_VMAS) {
+        // A teardown undoes state whoever runs it (an untraced task may free
+        // what a traced one built); a traced one's is counted.
+        int traced = wanted();
+        if (!st_unlink_vma(vma, traced) && traced) {
+            // A VMA the state does not hold (see st_exit_begins).
+            u64 mm = rd64(vma + OFF_VMA_MM);
+            struct mmstate *m = st_mm.lookup(&mm);
+            st_exit_begins(mm, m);
+            st_count(m, K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
+        }
+#ifndef WITH_EVENTS
+        return;
+#endif
+    }
 #endif
     if (!wanted())
         return;
@@ -837,19 +850,16 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
     // Most page mappings find their VMA as the state holds it.
     if (kind == K_PAGE_SET_ANON_RMAP && st_rmap_known(vma, av))
         return;
-#endif
-#ifdef WITH_STATE
-    if (kind == K_UNLINK_ANON_VMAS) {
-        // The model takes exit figures at any unlink of the teardown, before
-        // counting it; so do the maps (a no-op once taken). st_unlink_vma
-        // undid the VMA: this needs its mm only.
+    if (kind == K_ANON_VMA_CLONE && !ret) {
+        // A clone into another mm than current's is anon_vma_fork()'s
+        // (dup_mmap() runs in the parent): the fork's own event, right
+        // after it, applies the VMA's final state, so this one only counts,
+        // as the tracepoint backend's superseded clone entries do.
         u64 mm = rd64(vma + OFF_VMA_MM);
-        struct mmstate *m = st_mm.lookup(&mm);
-        st_exit_begins(mm, m);
-        st_count(m, K_UNLINK_ANON_VMAS - K_ANON_VMA_FORK);
-#ifndef WITH_EVENTS
-        return;
-#endif
+        if (mm != rd64((u64)bpf_get_current_task() + OFF_TASK_MM)) {
+            st_count(mm_get(mm, 1), K_ANON_VMA_CLONE - K_ANON_VMA_FORK);
+            return;
+        }
     }
 #endif
     struct event *e = new_event(kind);
@@ -1508,10 +1518,11 @@ static __always_inline void handle_free(void *ctx, u32 site, int is_av, u64 ptr,
             emit_av(ctx, K_AV_FREE, site, ptr, 0);
         return;
     }
-#ifdef WITH_STATE
+#if defined(WITH_STATE) && defined(DERIVE_FROM_KMEM)
     if (site == S_UNLINK) {
         // unlink_anon_vmas frees the VMA's entries one by one: the first
-        // free of a tracked VMA ends it (and counts the unlink).
+        // free of a tracked VMA ends it (and counts the unlink). (fentry and
+        // kprobe see unlink_anon_vmas itself.)
         // Only the entry's VMA is needed: the scratch's span, no event.
         u64 anon_vma;
         struct work *w = scratch_get();
