@@ -158,7 +158,7 @@ def _refuse_report_options(ctx: click.Context) -> None:
              and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if not given:
         return
-    names = ", ".join(p.opts[-1] if len(p.opts[-1]) > 2 else p.opts[0] for p in given)
+    names = ", ".join(max(p.opts, key=len) for p in given)   # --pid, not -p
     sub = ctx.invoked_subcommand
     hint = f"{sub}'s own options go after its name (anontrace {sub} --help)"
     if sub == "serve" and any(p.name == "backend" for p in given):
