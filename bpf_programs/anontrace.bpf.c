@@ -72,6 +72,12 @@ static __always_inline struct work *scratch_get(void)
 #endif
 
 
+// The current task's mm (0 for a kernel thread, or a task past exit_mm()).
+static __always_inline u64 current_mm(void)
+{
+    return rd64((u64)bpf_get_current_task() + OFF_TASK_MM);
+}
+
 static __always_inline int wanted_tgid(u32 tgid)
 {
 #ifdef FILTER_ENABLED
@@ -646,8 +652,7 @@ static __always_inline int st_rmap_known(u64 vma, u64 av)
     u64 id = bpf_get_current_pid_tgid();
     char comm[16];
     bpf_get_current_comm(&comm, sizeof(comm));
-    st_owner(mm, m, rd64((u64)bpf_get_current_task() + OFF_TASK_MM), id >> 32, (u32)id, comm,
-             0);
+    st_owner(mm, m, current_mm(), id >> 32, (u32)id, comm, 0);
     return 1;
 }
 
@@ -727,7 +732,7 @@ static __always_inline void st_exit_begins(u64 mm, struct mmstate *m)
 {
     if (!m || m->exit_seen)
         return;
-    if (rd64((u64)bpf_get_current_task() + OFF_TASK_MM))
+    if (current_mm())
         return;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct pstate *p = st_proc.lookup(&tgid);
@@ -794,7 +799,7 @@ static __always_inline struct event *new_event(u32 kind)
     e->kind = kind;
     e->tgid = id >> 32;
     e->tid = (u32)id;
-    e->cur_mm = rd64((u64)bpf_get_current_task() + OFF_TASK_MM);
+    e->cur_mm = current_mm();
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     return e;
 }
@@ -856,7 +861,7 @@ static __always_inline void emit_vma_event(void *ctx, u32 kind, u64 vma, u64 aux
         // after it, applies the VMA's final state, so this one only counts,
         // as the tracepoint backend's superseded clone entries do.
         u64 mm = rd64(vma + OFF_VMA_MM);
-        if (mm != rd64((u64)bpf_get_current_task() + OFF_TASK_MM)) {
+        if (mm != current_mm()) {
             st_count(mm_get(mm, 1), K_ANON_VMA_CLONE - K_ANON_VMA_FORK);
             return;
         }
@@ -1281,7 +1286,7 @@ static __always_inline void derived_avc(void *ctx, struct pending *p, u32 site, 
         u64 vma = read_avc(&w->e, avc, &anon_vma);
         if (vma && vma != p->grp_vma) {
             u64 mm = rd64(vma + OFF_VMA_MM);
-            begin_run(p, vma, mm, rd64((u64)bpf_get_current_task() + OFF_TASK_MM));
+            begin_run(p, vma, mm, current_mm());
             st_count(mm_get(mm, 1), K_ANON_VMA_CLONE - K_ANON_VMA_FORK);
         }
         return;
