@@ -57,10 +57,16 @@ Profiling variants (not part of the default set):
 
 * ``nopoll``:   a system-wide session that nobody polls: the in-kernel cost
                 alone (the ring buffer fills up, so "lost" is expected there);
-* ``empty``:    the same attach points (raw kmem_cache_alloc/free, sys_exit,
-                exit_mmap and sched tracepoints) with programs that return at
-                once: the fixed price of having those hooks enabled at all,
-                the floor for any tracer built on them (printed as such).
+* ``empty``:    the tracepoint backend's attach points (raw kmem_cache_alloc/
+                free, sys_exit, exit_mmap and sched tracepoints) with programs
+                that return at once: the fixed price of having those hooks
+                enabled at all, the floor for any tracer built on them;
+* ``floor``:    the same hooks keeping only an owner per rmap object and a
+                count per process (bench/bpf/floor_kmem.bpf.c): the least any
+                design that keeps per-object state in maps pays here;
+* ``empty-fentry``, ``floor-fentry``: the same two on the fentry backend's
+                hooks (bench/bpf/floor_fentry.bpf.c; needs fentry).
+                Each prints what its ratio means (bench/floors.py).
 
 Rounds use ABBA ordering (even rounds run the variants in order, odd rounds in
 reverse) so slow drift of the machine does not favour one variant.
@@ -117,19 +123,21 @@ from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from floors import FLOORS, FloorError, load_floor, objects_owned  # noqa: E402  (bench/floors.py)
+
 from tracer.kernel.procs import busy_cpu_seconds  # noqa: E402  (after the path insert)
 
 SOURCE = REPO / "bench" / "workloads" / "forkloop.c"
 BUILD_DIR = REPO / "build" / "bench"
 BINARY = BUILD_DIR / "forkloop"
 ANONTRACE = REPO / ".venv" / "bin" / "anontrace"
-VARIANTS = ("untraced", "system", "pid", "state", "nopoll", "empty", "bpftrace", "serve",
+VARIANTS = ("untraced", "system", "pid", "state", "nopoll", *FLOORS, "bpftrace", "serve",
             "serve-prealloc", "cmd")
 # What the state-map design must keep of untraced fork throughput (issue 9,
 # host tracepoint backend, quiet machine).
 STATE_TARGETS = {"serve": 0.92, "cmd": 0.90}
 # Variants that need the kernel facts (BTF, headers) in this process.
-IN_PROCESS = ("system", "pid", "state", "nopoll", "empty")
+IN_PROCESS = ("system", "pid", "state", "nopoll", *FLOORS)
 
 
 class BenchError(Exception):
@@ -435,23 +443,8 @@ def run_traced(rnd: int, variant: str, args: argparse.Namespace, facts: Any,
     return res
 
 
-# The hooks the tracepoint backend attaches, with programs that return at
-# once: the floor any kmem-based tracer pays on a kernel without kprobes and
-# fentry. kmem_cache_alloc/free fire for every slab object the kernel
-# allocates (about 290 per fork of forkloop), not only the rmap ones.
-EMPTY_PROGRAM = r"""
-RAW_TRACEPOINT_PROBE(kmem_cache_alloc) { return 0; }
-RAW_TRACEPOINT_PROBE(kmem_cache_free) { return 0; }
-RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }
-RAW_TRACEPOINT_PROBE(exit_mmap) { return 0; }
-RAW_TRACEPOINT_PROBE(sched_process_fork) { return 0; }
-RAW_TRACEPOINT_PROBE(sched_process_exec) { return 0; }
-RAW_TRACEPOINT_PROBE(sched_process_exit) { return 0; }
-"""
-
-
-def run_empty(rnd: int, args: argparse.Namespace, facts: Any) -> RunResult:
-    """The tracepoint backend's hooks with do-nothing programs."""
+def run_floor(rnd: int, name: str, args: argparse.Namespace, facts: Any) -> RunResult:
+    """One of the yardstick programs (bench/floors.py) under the loop."""
     from tracer.kernel.bcc_glue import import_bcc
 
     facts.headers.apply()
@@ -459,15 +452,20 @@ def run_empty(rnd: int, args: argparse.Namespace, facts: Any) -> RunResult:
     wl = Workload(args.seconds, args.regions, args.pages)
     b = None
     try:
-        b = bcc.BPF(text=EMPTY_PROGRAM.encode(), cflags=["-w"])
+        b = load_floor(bcc, name, facts)
         noise = Noise()
         wl.go()
         done = wl.wait()
+        owned = objects_owned(b)
+    except FloorError as exc:
+        raise BenchError(str(exc)) from exc
     finally:
         if b is not None:
             b.cleanup()
         wl.kill()
-    res = _result(rnd, "empty", done)
+    res = _result(rnd, name, done)
+    res.events = owned
+    res.events_per_fork = owned / max(1, res.forks)
     res.other_cpu_per_s = noise.other_per_s(done)
     return res
 
@@ -955,7 +953,7 @@ def _row_note(r: RunResult) -> str:
 
 
 def _fmt_row(r: RunResult) -> str:
-    if r.variant in ("untraced", "empty"):
+    if r.variant == "untraced" or r.variant in FLOORS:
         return (f"  {r.round:>3} {r.variant:<9} {r.forks_per_s:>10.1f} {r.forks:>8} "
                 f"{'':>9} {'':>8} {'':>6} {'':>7} {'':>7} {r.other_cpu_per_s:>6.2f}")
     extra = f" {r.bpf_ns_per_fork / 1000:>8.1f}" if r.bpf_ns_per_fork is not None else ""
@@ -1029,6 +1027,8 @@ def _variant_line(v: str, summary: dict[str, Any]) -> str:
         return line + f"   loop's anon_vmas counted {events}   bpftrace CPU {cpu}"
     if v.startswith("serve"):
         return line + f"   events {events}   serve CPU {cpu}"
+    if v in FLOORS:
+        return line + f"   objects owned {events}"
     if v == "cmd":
         return (line + f"   exited by itself: {', '.join(summary['exited'][v])}"
                 f"   anontrace CPU {cpu}")
@@ -1056,9 +1056,9 @@ def print_summary(summary: dict[str, Any], info: dict[str, Any], file: Any) -> N
         p(f"  {v} vs bpftrace: forks/s ratio {ratio:.3f}")
     if "bpftrace" in summary["ratio"]:
         p(f"  bpftrace: {info.get('bpftrace_program')}")
-    if "empty" in summary["ratio"]:
-        p(f"  floor: the same hooks with empty programs give ratio "
-          f"{summary['ratio']['empty']:.3f}; no tracer built on these hooks can do better here")
+    for v, floor in FLOORS.items():
+        if v in summary["ratio"]:
+            p(f"  {v}: {floor.summary}: ratio {summary['ratio'][v]:.3f}")
     if summary["other_cpu_per_s_max"] > 0.15:
         p(f"  WARNING: other jobs used up to {summary['other_cpu_per_s_max']:.2f} CPUs during "
           "the runs: the figures are unreliable, rerun on a quiet machine")
@@ -1155,8 +1155,8 @@ def run_variant(v: str, rnd: int, args: argparse.Namespace, facts: Any,
                 info: dict[str, Any]) -> RunResult:
     if v == "untraced":
         return run_untraced(rnd, args.seconds, args.regions, args.pages)
-    if v == "empty":
-        return run_empty(rnd, args, facts)
+    if v in FLOORS:
+        return run_floor(rnd, v, args, facts)
     if v == "bpftrace":
         return run_bpftrace(rnd, args)
     if v in ("serve", "serve-prealloc"):

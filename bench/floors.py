@@ -1,0 +1,95 @@
+"""Floors for bench/fork_overhead.py: what the hooks, and the cheapest
+design that keeps per-object state in maps, cost a fork here.
+
+``empty`` and ``floor`` attach to the tracepoint backend's hooks
+(bench/bpf/floor_kmem.bpf.c), ``empty-fentry`` and ``floor-fentry`` to the
+fentry backend's (bench/bpf/floor_fentry.bpf.c). The empty ones return at
+once: no tracer on those hooks can do better. The floor ones keep only an
+owner per object and a count per process (see the C files): any tracer whose
+programs keep per-object state in maps, as anontrace's state design does,
+pays at least that on these hooks. They report nothing; they are yardsticks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+
+@dataclass(frozen=True)
+class Floor:
+    source: str   # file under bench/bpf/
+    empty: bool   # programs that return at once
+    summary: str  # what its ratio means, for the summary
+
+
+FLOORS = {
+    "empty": Floor("floor_kmem.bpf.c", True,
+                   "the tracepoint backend's hooks with empty programs: no tracer built "
+                   "on these hooks can do better here"),
+    "floor": Floor("floor_kmem.bpf.c", False,
+                   "the same hooks keeping only an owner per rmap object and a count per "
+                   "process: the least a design with per-object state in maps pays here"),
+    "empty-fentry": Floor("floor_fentry.bpf.c", True,
+                          "the fentry backend's hooks with empty programs"),
+    "floor-fentry": Floor("floor_fentry.bpf.c", False,
+                          "the fentry backend's hooks keeping only an owner per anon_vma, "
+                          "the VMAs that hold one and a count per process"),
+}
+
+
+class FloorError(Exception):
+    """A floor cannot be built on this kernel."""
+
+
+def floor_cflags(name: str, facts: Any) -> list[str]:
+    """Every substitution into the floor's C file, as -D flags."""
+    from tracer.kernel.compat import RMAP_CANDIDATES
+    from tracer.kernel.probes import KMEM_OTHER_SITES, KMEM_SITES
+
+    floor = FLOORS[name]
+    d: dict[str, str] = {}
+    if floor.empty:
+        d["EMPTY"] = "1"
+    for key, fn in KMEM_SITES.items():
+        sym = facts.kallsyms.get(fn)
+        # A missing site gets an empty range: nothing matches it.
+        d[f"SITE_{key}_START"] = f"{sym.start:#x}ULL" if sym else "1ULL"
+        d[f"SITE_{key}_END"] = f"{sym.end:#x}ULL" if sym else "0ULL"
+    other = next((s for s in map(facts.kallsyms.get, KMEM_OTHER_SITES) if s), None)
+    d["SITE_OTHER_START"] = f"{other.start:#x}ULL" if other else "1ULL"
+    d["SITE_OTHER_END"] = f"{other.end:#x}ULL" if other else "0ULL"
+    if floor.source == "floor_fentry.bpf.c":
+        rmap = next((f for f in RMAP_CANDIDATES if f in facts.kallsyms), None)
+        if rmap is None or facts.layout is None:
+            raise FloorError(f"{name}: no rmap function in kallsyms or no BTF layout")
+        d["RMAP_FUNC"] = rmap
+        d["OFF_VMA_ANON_VMA"] = str(facts.layout.offsets["VMA_ANON_VMA"])
+    return [f"-D{k}={v}" for k, v in sorted(d.items())] + ["-w"]
+
+
+def objects_owned(b: Any) -> int:
+    """Objects the floor's programs gave an owner (0 for an empty floor):
+    proof that a floor did its work."""
+    try:
+        table = b["owned"]
+    except KeyError:
+        return 0
+    return sum(sum(v) for v in table.values())
+
+
+def load_floor(bcc: Any, name: str, facts: Any) -> Any:
+    """Compile and attach the floor's programs; the caller cleans up."""
+    path = BPF_DIR / FLOORS[name].source
+    try:
+        return bcc.BPF(src_file=str(path).encode(), cflags=floor_cflags(name, facts))
+    except Exception as exc:  # BCC raises bare Exception on load/attach errors
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "super-user" in detail and os.geteuid() == 0:
+            # BCC words EPERM as "Need super-user privileges" even for root.
+            detail = ("the kernel refused to load it although we are root "
+                      "(EPERM: lockdown or an LSM)")
+        raise FloorError(f"{name}: {detail}") from exc
