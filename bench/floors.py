@@ -3,7 +3,9 @@ design that keeps per-object state in maps, cost a fork here.
 
 ``empty`` and ``floor`` attach to the tracepoint backend's hooks
 (bench/bpf/floor_kmem.bpf.c), ``empty-fentry`` and ``floor-fentry`` to the
-fentry backend's (bench/bpf/floor_fentry.bpf.c). The empty ones return at
+fentry backend's (bench/bpf/floor_fentry.bpf.c), ``empty-kprobe`` and
+``floor-kprobe`` to the kprobe backend's (bench/bpf/floor_kprobe.bpf.c).
+The empty ones return at
 once: no tracer on those hooks can do better. The floor ones keep only an
 owner per object and a count per process (see the C files): any tracer whose
 programs keep per-object state in maps, as anontrace's state design does,
@@ -25,6 +27,11 @@ class Floor:
     empty: bool   # programs that return at once
     summary: str  # what its ratio means, for the summary
 
+    @property
+    def hooks(self) -> str:
+        """The backend whose hooks it uses: kmem, fentry or kprobe."""
+        return self.source.removeprefix("floor_").removesuffix(".bpf.c")
+
 
 FLOORS = {
     "empty": Floor("floor_kmem.bpf.c", True,
@@ -38,16 +45,38 @@ FLOORS = {
     "floor-fentry": Floor("floor_fentry.bpf.c", False,
                           "the fentry backend's hooks keeping only an owner per anon_vma, "
                           "the VMAs that hold one and a count per process"),
+    "empty-kprobe": Floor("floor_kprobe.bpf.c", True,
+                          "the kprobe backend's hooks with empty programs"),
+    "floor-kprobe": Floor("floor_kprobe.bpf.c", False,
+                          "the kprobe backend's hooks keeping only an owner per anon_vma, "
+                          "the VMAs that hold one and a count per process"),
 }
+
+# kprobe floors: the functions the tool's kprobe backend attaches (entry,
+# return) per rmap function; None: the rmap probe, resolved per kernel.
+KPROBES = {"anon_vma_fork": ("kp_fork_entry", "kr_fork_exit"),
+           "anon_vma_clone": ("kp_clone_entry", "kr_clone_exit"),
+           "unlink_anon_vmas": ("kp_unlink_entry", None),
+           None: ("kp_rmap_entry", None)}
+KRETPROBE_MAXACTIVE = 512   # as the tool's
 
 
 class FloorError(Exception):
     """A floor cannot be built on this kernel."""
 
 
+def rmap_function(name: str, facts: Any) -> str:
+    """The first of the tool's rmap candidates this kernel has."""
+    from tracer.kernel.compat import RMAP_CANDIDATES
+
+    rmap = next((f for f in RMAP_CANDIDATES if f in facts.kallsyms), None)
+    if rmap is None:
+        raise FloorError(f"{name}: none of {', '.join(RMAP_CANDIDATES)} in kallsyms")
+    return rmap
+
+
 def floor_cflags(name: str, facts: Any) -> list[str]:
     """Every substitution into the floor's C file, as -D flags."""
-    from tracer.kernel.compat import RMAP_CANDIDATES
     from tracer.kernel.probes import KMEM_OTHER_SITES, KMEM_SITES
 
     floor = FLOORS[name]
@@ -62,11 +91,10 @@ def floor_cflags(name: str, facts: Any) -> list[str]:
     other = next((s for s in map(facts.kallsyms.get, KMEM_OTHER_SITES) if s), None)
     d["SITE_OTHER_START"] = f"{other.start:#x}ULL" if other else "1ULL"
     d["SITE_OTHER_END"] = f"{other.end:#x}ULL" if other else "0ULL"
-    if floor.source == "floor_fentry.bpf.c":
-        rmap = next((f for f in RMAP_CANDIDATES if f in facts.kallsyms), None)
-        if rmap is None or facts.layout is None:
-            raise FloorError(f"{name}: no rmap function in kallsyms or no BTF layout")
-        d["RMAP_FUNC"] = rmap
+    if floor.hooks != "kmem":
+        if facts.layout is None:
+            raise FloorError(f"{name}: no BTF layout")
+        d["RMAP_FUNC"] = rmap_function(name, facts)
         d["OFF_VMA_ANON_VMA"] = str(facts.layout.offsets["VMA_ANON_VMA"])
     return [f"-D{k}={v}" for k, v in sorted(d.items())] + ["-w"]
 
@@ -82,14 +110,31 @@ def objects_owned(b: Any) -> int:
 
 
 def load_floor(bcc: Any, name: str, facts: Any) -> Any:
-    """Compile and attach the floor's programs; the caller cleans up."""
-    path = BPF_DIR / FLOORS[name].source
+    """Compile and attach the floor's programs; the caller cleans up the
+    object returned (on an error nothing is left attached)."""
+    floor = FLOORS[name]
+    b = None
     try:
-        return bcc.BPF(src_file=str(path).encode(), cflags=floor_cflags(name, facts))
+        b = bcc.BPF(src_file=str(BPF_DIR / floor.source).encode(),
+                    cflags=floor_cflags(name, facts))
+        if floor.hooks == "kprobe":
+            for fn, (entry, ret) in KPROBES.items():
+                event = (fn or rmap_function(name, facts)).encode()
+                b.attach_kprobe(event=event, fn_name=entry.encode())
+                if ret:
+                    b.attach_kretprobe(event=event, fn_name=ret.encode(),
+                                       maxactive=KRETPROBE_MAXACTIVE)
+        return b
+    except FloorError:
+        if b is not None:
+            b.cleanup()
+        raise
     except Exception as exc:  # BCC raises bare Exception on load/attach errors
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "super-user" in detail and os.geteuid() == 0:
             # BCC words EPERM as "Need super-user privileges" even for root.
             detail = ("the kernel refused to load it although we are root "
                       "(EPERM: lockdown or an LSM)")
+        if b is not None:
+            b.cleanup()
         raise FloorError(f"{name}: {detail}") from exc

@@ -64,8 +64,9 @@ Profiling variants (not part of the default set):
 * ``floor``:    the same hooks keeping only an owner per rmap object and a
                 count per process (bench/bpf/floor_kmem.bpf.c): the least any
                 design that keeps per-object state in maps pays here;
-* ``empty-fentry``, ``floor-fentry``: the same two on the fentry backend's
-                hooks (bench/bpf/floor_fentry.bpf.c; needs fentry).
+* ``empty-fentry``, ``floor-fentry``, ``empty-kprobe``, ``floor-kprobe``:
+                the same two on the fentry or the kprobe backend's hooks
+                (bench/bpf/floor_fentry.bpf.c, floor_kprobe.bpf.c).
                 Each prints what its ratio means (bench/floors.py).
 
 Rounds use ABBA ordering (even rounds run the variants in order, odd rounds in
