@@ -4,12 +4,13 @@ design that keeps per-object state in maps, cost a fork here.
 ``empty`` and ``floor`` attach to the tracepoint backend's hooks
 (bench/bpf/floor_kmem.bpf.c), ``empty-fentry`` and ``floor-fentry`` to the
 fentry backend's (bench/bpf/floor_fentry.bpf.c), ``empty-kprobe`` and
-``floor-kprobe`` to the kprobe backend's (bench/bpf/floor_kprobe.bpf.c).
-The empty ones return at
+``floor-kprobe`` to the kprobe backend's (bench/bpf/floor_kprobe.bpf.c);
+bench/bpf/floor_common.h holds what they share. The empty ones return at
 once: no tracer on those hooks can do better. The floor ones keep only an
 owner per object and a count per process (see the C files): any tracer whose
 programs keep per-object state in maps, as anontrace's state design does,
-pays at least that on these hooks. They report nothing; they are yardsticks.
+pays at least that on these hooks. They report nothing but the objects they
+owned; they are yardsticks.
 """
 from __future__ import annotations
 
