@@ -279,6 +279,19 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def load_error(exc: Exception, captured: list[str]) -> str:
+    """One line saying why BCC could not compile or load a program: its
+    last line, the first verifier or compiler line of ``captured`` (from
+    :func:`captured_stderr`), and what EPERM means for root."""
+    detail = last_line(str(exc)) or type(exc).__name__
+    hint = verifier_hint(captured[0] if captured else "")
+    if "Operation not permitted" in detail + hint and os.geteuid() == 0:
+        # BCC words EPERM as "Need super-user privileges" even for root.
+        detail = ("the kernel refused to load the program (EPERM) although we are root: "
+                  "lockdown or an LSM forbids this program type")
+    return detail + (f" ({hint})" if hint else "")
+
+
 def iterator_error(exc: Exception, captured: list[str]) -> str:
     """One line saying why a task_vma iterator could not be loaded or run."""
     msg = last_line(str(exc)) or type(exc).__name__

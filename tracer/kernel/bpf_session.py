@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from tracer.kernel.bcc_glue import (
     import_bcc,
     iterator_error,
     last_line,
+    load_error,
     new_bpf,
     read_iterator,
     settle_heap,
@@ -316,13 +316,7 @@ class TraceSession:
             with captured_stderr(captured):
                 self._bpf = new_bpf(bcc, src_file=str(MAIN_PROGRAM).encode(), cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            detail = last_line(str(exc)) or type(exc).__name__
-            hint = verifier_hint(captured[0] if captured else "")
-            if "Operation not permitted" in detail + hint and os.geteuid() == 0:
-                # BCC words EPERM as "Need super-user privileges" even for root.
-                detail = ("the kernel refused to load the program (EPERM) although we are "
-                          "root: lockdown or an LSM forbids this program type")
-            raise AttachFailed(detail + (f" ({hint})" if hint else "")) from exc
+            raise AttachFailed(load_error(exc, captured)) from exc
         if plan.backend == "kprobe":
             self._attach_kprobes(plan)
         copies = []

@@ -11,7 +11,6 @@ its source (:func:`walk_cflags`), and reads its map into
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from tracer.kernel.bcc_glue import (
     dump_hash,
     import_bcc,
     last_line,
+    load_error,
     new_bpf,
     verifier_hint,
 )
@@ -194,7 +194,7 @@ class RmapWalkSession:
             with captured_stderr(captured):
                 self._bpf = new_bpf(bcc, src_file=str(WALK_PROGRAM).encode(), cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on load errors
-            raise _Refused(_load_error(exc, captured)) from exc
+            raise _Refused(load_error(exc, captured)) from exc
         if plan.method == "kprobe":
             self._attach_kprobes()
         leaf = self._bpf[b"walk_stats"].Leaf
@@ -241,16 +241,6 @@ class RmapWalkSession:
 
 class _Refused(Exception):
     """This method cannot attach here (the message says why)."""
-
-
-def _load_error(exc: Exception, captured: list[str]) -> str:
-    detail = last_line(str(exc)) or type(exc).__name__
-    hint = verifier_hint(captured[0] if captured else "")
-    if "Operation not permitted" in detail + hint and os.geteuid() == 0:
-        # BCC words EPERM as "Need super-user privileges" even for root.
-        detail = ("the kernel refused to load the program (EPERM) although we are root: "
-                  "lockdown or an LSM forbids this program type")
-    return detail + (f" ({hint})" if hint else "")
 
 
 def refusal_message(attempts: dict[str, str | None]) -> str:
