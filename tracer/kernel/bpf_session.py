@@ -65,7 +65,7 @@ from tracer.pipeline.stream import EventStream
 BACKEND_CHOICES = ("auto",) + BACKENDS
 KRETPROBE_MAXACTIVE = 512
 
-_KPROBE_FUNCS = {
+KPROBE_FUNCS = {  # per logical probe: the kprobe and kretprobe functions
     "anon_vma_fork": ("kp_fork_entry", "kr_fork_exit"),
     "anon_vma_clone": ("kp_clone_entry", "kr_clone_exit"),
     "unlink_anon_vmas": ("kp_unlink_entry", None),
@@ -339,7 +339,7 @@ class TraceSession:
             choice = plan.probes[probe]
             if not choice.ok:
                 continue
-            entry, exit_ = _KPROBE_FUNCS[probe]
+            entry, exit_ = KPROBE_FUNCS[probe]
             assert choice.function is not None   # a working choice names its function
             captured: list[str] = []
             try:

@@ -124,6 +124,21 @@ def tracepoint_copies(opts: BuildOptions) -> bool:
     return opts.tp_again and opts.task_storage
 
 
+def site_defines(plan: Plan) -> dict[str, str]:
+    """The kmem call-site ranges as SITE_<KEY>_START/_END macros (the
+    out-of-line helper's as SITE_OTHER_*, where there is one)."""
+    d = {}
+    for key in ("FORK", "CLONE", "PREPARE", "UNLINK", "PUT"):
+        sym = plan.sites.get(key)
+        # A missing site gets an empty range: nothing matches it.
+        d[f"SITE_{key}_START"] = f"{sym.start:#x}ULL" if sym else "1ULL"
+        d[f"SITE_{key}_END"] = f"{sym.end:#x}ULL" if sym else "0ULL"
+    if plan.other_site is not None:
+        d["SITE_OTHER_START"] = f"{plan.other_site.start:#x}ULL"
+        d["SITE_OTHER_END"] = f"{plan.other_site.end:#x}ULL"
+    return d
+
+
 def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
     """Every substitution into anontrace.bpf.c, as -D flags."""
     d: dict[str, int | str | None] = dict(layout.defines())
@@ -144,14 +159,7 @@ def cflags(plan: Plan, layout: KernelLayout, opts: BuildOptions) -> list[str]:
         d["RMAP_PAGE"] = names[r.page]
         d["RMAP_ADDR"] = names[r.addr] if r.addr >= 0 else "0"
         d["RMAP_VMA_IDX"], d["RMAP_PAGE_IDX"], d["RMAP_ADDR_IDX"] = r.vma, r.page, r.addr
-    for key in ("FORK", "CLONE", "PREPARE", "UNLINK", "PUT"):
-        sym = plan.sites.get(key)
-        # A missing site gets an empty range: nothing matches it.
-        d[f"SITE_{key}_START"] = f"{sym.start:#x}ULL" if sym else "1ULL"
-        d[f"SITE_{key}_END"] = f"{sym.end:#x}ULL" if sym else "0ULL"
-    if plan.other_site is not None:
-        d["SITE_OTHER_START"] = f"{plan.other_site.start:#x}ULL"
-        d["SITE_OTHER_END"] = f"{plan.other_site.end:#x}ULL"
+    d.update(site_defines(plan))
     d["AV_SLAB_SIZE"] = opts.av_slab_size
     d["AVC_SLAB_SIZE"] = opts.avc_slab_size
     if opts.kmem_free_has_name:
