@@ -14,7 +14,6 @@ owned; they are yardsticks.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,79 +23,62 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 
 @dataclass(frozen=True)
 class Floor:
-    source: str   # file under bench/bpf/
+    backend: str  # whose hooks it takes (tracer.kernel.probes.BACKENDS)
     empty: bool   # programs that return at once
     summary: str  # what its ratio means, for the summary
 
     @property
-    def hooks(self) -> str:
-        """The backend whose hooks it uses: kmem, fentry or kprobe."""
-        return self.source.removeprefix("floor_").removesuffix(".bpf.c")
+    def source(self) -> str:
+        """Its file under bench/bpf/."""
+        return f"floor_{'kmem' if self.backend == 'tracepoint' else self.backend}.bpf.c"
 
 
 FLOORS = {
-    "empty": Floor("floor_kmem.bpf.c", True,
+    "empty": Floor("tracepoint", True,
                    "the tracepoint backend's hooks with empty programs: no tracer built "
                    "on these hooks can do better here"),
-    "floor": Floor("floor_kmem.bpf.c", False,
+    "floor": Floor("tracepoint", False,
                    "the same hooks keeping only an owner per rmap object and a count per "
                    "process: the least a design with per-object state in maps pays here"),
-    "empty-fentry": Floor("floor_fentry.bpf.c", True,
-                          "the fentry backend's hooks with empty programs"),
-    "floor-fentry": Floor("floor_fentry.bpf.c", False,
+    "empty-fentry": Floor("fentry", True, "the fentry backend's hooks with empty programs"),
+    "floor-fentry": Floor("fentry", False,
                           "the fentry backend's hooks keeping only an owner per anon_vma, "
                           "the VMAs that hold one and a count per process"),
-    "empty-kprobe": Floor("floor_kprobe.bpf.c", True,
-                          "the kprobe backend's hooks with empty programs"),
-    "floor-kprobe": Floor("floor_kprobe.bpf.c", False,
+    "empty-kprobe": Floor("kprobe", True, "the kprobe backend's hooks with empty programs"),
+    "floor-kprobe": Floor("kprobe", False,
                           "the kprobe backend's hooks keeping only an owner per anon_vma, "
                           "the VMAs that hold one and a count per process"),
 }
-
-# kprobe floors: the functions the tool's kprobe backend attaches (entry,
-# return) per rmap function; None: the rmap probe, resolved per kernel.
-KPROBES = {"anon_vma_fork": ("kp_fork_entry", "kr_fork_exit"),
-           "anon_vma_clone": ("kp_clone_entry", "kr_clone_exit"),
-           "unlink_anon_vmas": ("kp_unlink_entry", None),
-           None: ("kp_rmap_entry", None)}
-KRETPROBE_MAXACTIVE = 512   # as the tool's
 
 
 class FloorError(Exception):
     """A floor cannot be built on this kernel."""
 
 
-def rmap_function(name: str, facts: Any) -> str:
-    """The first of the tool's rmap candidates this kernel has."""
-    from tracer.kernel.compat import RMAP_CANDIDATES
+def floor_plan(name: str, facts: Any) -> Any:
+    """The tool's own probe plan for the floor's backend: the same call
+    sites and functions the tool would use here."""
+    from tracer.kernel.probes import plan_backend
 
-    rmap = next((f for f in RMAP_CANDIDATES if f in facts.kallsyms), None)
-    if rmap is None:
-        raise FloorError(f"{name}: none of {', '.join(RMAP_CANDIDATES)} in kallsyms")
-    return rmap
+    plan = plan_backend(FLOORS[name].backend, facts.kallsyms, facts.btf,
+                        facts.kprobes_available)
+    if plan.backend != "tracepoint":
+        for probe, choice in plan.probes.items():
+            if not choice.ok:
+                raise FloorError(f"{name}: {probe}: {choice.reason}")
+    return plan
 
 
-def floor_cflags(name: str, facts: Any) -> list[str]:
+def floor_cflags(name: str, plan: Any, facts: Any) -> list[str]:
     """Every substitution into the floor's C file, as -D flags."""
-    from tracer.kernel.probes import KMEM_OTHER_SITES, KMEM_SITES
+    from tracer.kernel.bpf_source import site_defines
 
-    floor = FLOORS[name]
-    d: dict[str, str] = {}
-    if floor.empty:
+    d = site_defines(plan)
+    if FLOORS[name].empty:
         d["EMPTY"] = "1"
-    for key, fn in KMEM_SITES.items():
-        sym = facts.kallsyms.get(fn)
-        # A missing site gets an empty range: nothing matches it.
-        d[f"SITE_{key}_START"] = f"{sym.start:#x}ULL" if sym else "1ULL"
-        d[f"SITE_{key}_END"] = f"{sym.end:#x}ULL" if sym else "0ULL"
-    other = next((s for s in map(facts.kallsyms.get, KMEM_OTHER_SITES) if s), None)
-    d["SITE_OTHER_START"] = f"{other.start:#x}ULL" if other else "1ULL"
-    d["SITE_OTHER_END"] = f"{other.end:#x}ULL" if other else "0ULL"
-    if floor.hooks != "kmem":
-        if facts.layout is None:
-            raise FloorError(f"{name}: no BTF layout")
+    if plan.backend != "tracepoint":
         d["RMAP_HOOKS"] = "1"   # floor_common.h: the VMAs are held
-        d["RMAP_FUNC"] = rmap_function(name, facts)
+        d["RMAP_FUNC"] = plan.probes["page_set_anon_rmap"].function
         d["OFF_VMA_ANON_VMA"] = str(facts.layout.offsets["VMA_ANON_VMA"])
     # No warnings from BCC's headers, but a call to a function the text does
     # not define (an #ifdef gone wrong) fails here, not at load.
@@ -124,28 +106,25 @@ def floor_text(floor: Floor) -> str:
 def load_floor(bcc: Any, name: str, facts: Any) -> Any:
     """Compile and attach the floor's programs; the caller cleans up the
     object returned (on an error nothing is left attached)."""
-    floor = FLOORS[name]
+    from tracer.kernel.bcc_glue import captured_stderr, load_error
+    from tracer.kernel.bpf_session import KPROBE_FUNCS, KRETPROBE_MAXACTIVE
+
+    plan = floor_plan(name, facts)
     b = None
+    captured: list[str] = []
     try:
-        b = bcc.BPF(text=floor_text(floor).encode(), cflags=floor_cflags(name, facts))
-        if floor.hooks == "kprobe":
-            for fn, (entry, ret) in KPROBES.items():
-                event = (fn or rmap_function(name, facts)).encode()
-                b.attach_kprobe(event=event, fn_name=entry.encode())
-                if ret:
-                    b.attach_kretprobe(event=event, fn_name=ret.encode(),
-                                       maxactive=KRETPROBE_MAXACTIVE)
+        with captured_stderr(captured):
+            b = bcc.BPF(text=floor_text(FLOORS[name]).encode(),
+                        cflags=floor_cflags(name, plan, facts))
+            if plan.backend == "kprobe":   # attached as the tool attaches them
+                for probe, (entry, ret) in KPROBE_FUNCS.items():
+                    event = plan.probes[probe].function.encode()
+                    b.attach_kprobe(event=event, fn_name=entry.encode())
+                    if ret:
+                        b.attach_kretprobe(event=event, fn_name=ret.encode(),
+                                           maxactive=KRETPROBE_MAXACTIVE)
         return b
-    except FloorError:
-        if b is not None:
-            b.cleanup()
-        raise
     except Exception as exc:  # BCC raises bare Exception on load/attach errors
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "super-user" in detail and os.geteuid() == 0:
-            # BCC words EPERM as "Need super-user privileges" even for root.
-            detail = ("the kernel refused to load it although we are root "
-                      "(EPERM: lockdown or an LSM)")
         if b is not None:
             b.cleanup()
-        raise FloorError(f"{name}: {detail}") from exc
+        raise FloorError(f"{name}: {load_error(exc, captured)}") from exc

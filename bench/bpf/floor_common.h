@@ -8,6 +8,10 @@
 // per-VMA state must.
 
 #define IN_SITE(k, ip) ((ip) >= SITE_##k##_START && (ip) < SITE_##k##_END)
+#ifndef SITE_OTHER_START   // no out-of-line rmap helper: an empty range
+#define SITE_OTHER_START 1ULL
+#define SITE_OTHER_END 0ULL
+#endif
 
 #ifndef EMPTY
 BPF_HASH(owner, u64, u32, 1048576);
@@ -23,8 +27,10 @@ static __always_inline void count(u32 tgid, s64 d)
         objects.update(&tgid, &d);
 }
 
-static __always_inline void own(void)
+// ``tgid`` owns one more object.
+static __always_inline void own(u32 tgid)
 {
+    count(tgid, 1);
     int zero = 0;
     u64 *n = owned.lookup(&zero);
     if (n)
@@ -35,8 +41,7 @@ static __always_inline void own(void)
 static __always_inline void give(u64 obj, u32 tgid)
 {
     owner.update(&obj, &tgid);
-    count(tgid, 1);
-    own();
+    own(tgid);
 }
 
 // ``obj`` is being freed: its owner's count goes down, if it had one.
@@ -60,10 +65,8 @@ static __always_inline void vma_forked(u64 vma, u32 tgid)
     if (!av)
         return;
     vmas.update(&vma, &tgid);
-    if (owner.insert(&av, &tgid) == 0) {   // new, not a reused ancestor
-        count(tgid, 1);
-        own();
-    }
+    if (owner.insert(&av, &tgid) == 0)   // new, not a reused ancestor
+        own(tgid);
 }
 
 static __always_inline void vma_unlinked(u64 vma)

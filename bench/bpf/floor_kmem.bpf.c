@@ -8,9 +8,9 @@
 // gets an owner, and each one freed gives it back: exact per-process object
 // counts, nothing else (no depth, chains, VMAs or events).
 //
-// SITE_<K>_START/_END: call-site ranges (tracer.kernel.probes.KMEM_SITES);
-// SITE_OTHER_*: an out-of-line helper, where the compiler emitted one.
-
+// SITE_<K>_START/_END: call-site ranges (tracer.kernel.bpf_source.site_defines,
+// as the tool's); SITE_OTHER_*: an out-of-line helper, where the compiler
+// emitted one.
 
 RAW_TRACEPOINT_PROBE(kmem_cache_alloc)
 {
